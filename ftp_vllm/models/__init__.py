@@ -1,0 +1,1 @@
+"""vLLM model classes with routed decoder layers."""
