@@ -1,0 +1,141 @@
+"""Start `vllm serve` on an FTP model with settings that suit this machine.
+
+    python serving/launch.py [--model NAME_OR_FOLDER] [--host H] [--port P] [any vllm serve flag ...]
+
+A known model name is prepared on first use; the folder's architecture is
+switched to its FTP class; on a machine without a GPU the engine gets its
+threads bound and a KV cache sized from free memory.  The launcher waits until
+`/health` answers, prints the URL and a ready-to-paste request, and passes
+Ctrl-C / SIGTERM on to the server so that no engine process is left behind.
+Every flag it does not know goes to `vllm serve` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ftp_vllm import BASE_ARCHITECTURES
+from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
+
+GiB = 1 << 30
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * GiB
+
+
+def kv_cache_bytes() -> int:
+    """A quarter of free memory, within [1, 8] GiB: the weights and the engine need the rest."""
+    return int(min(max(available_memory() // 4, GiB), 8 * GiB))
+
+
+def ftp_architecture(folder: str) -> str:
+    config = Path(folder) / "config.json"
+    archs = json.loads(config.read_text()).get("architectures") or []
+    for arch in archs:
+        if arch in BASE_ARCHITECTURES.values():
+            return arch
+        if arch in BASE_ARCHITECTURES:
+            return BASE_ARCHITECTURES[arch]
+    raise ModelError(
+        f"{config}: architecture {archs} has no FTP class; supported: {', '.join(BASE_ARCHITECTURES)}"
+    )
+
+
+def has_flag(args: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def vllm_command(model_arg: str, host: str, port: int, extra: list[str]) -> tuple[list[str], dict]:
+    folder = resolve_model(model_arg)
+    cmd = [
+        shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm",
+        "serve",
+        folder,
+        "--host", host,
+        "--port", str(port),
+        "--hf-overrides", json.dumps({"architectures": [ftp_architecture(folder)]}),
+    ]
+    if model_arg in KNOWN_MODELS and not has_flag(extra, "--served-model-name"):
+        cmd += ["--served-model-name", model_arg]
+    env = dict(os.environ)
+    if not has_gpu():
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        if not has_flag(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+            cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes())]
+    return cmd + extra, env
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a known model name or a model folder")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you choose otherwise)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for /health")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        cmd, env = vllm_command(args.model, args.host, args.port, extra)
+    except ModelError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+
+    print("launch: " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    base = f"http://{args.host}:{args.port}"
+    if wait_healthy(proc, f"{base}/health", args.ready_timeout):
+        name = args.model if args.model in KNOWN_MODELS else cmd[2]
+        body = json.dumps({"model": name, "prompt": "The capital of France is", "max_tokens": 16})
+        print(f"\nlaunch: ready at {base}/v1  (Ctrl-C stops it)", flush=True)
+        print(f"launch: curl {base}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n", flush=True)
+    elif proc.poll() is None:
+        print(f"launch: error: no answer from {base}/health after {args.ready_timeout:.0f} s; stopping", file=sys.stderr)
+        proc.terminate()
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
