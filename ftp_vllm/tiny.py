@@ -13,8 +13,8 @@ from pathlib import Path
 from .model_store import DEFAULT_MODEL, WEIGHTS_FILE, prepare_tokenizer
 
 TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,  # head_dim 32: vLLM's CPU attention has no kernel for 16
+    intermediate_size=256,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,

@@ -1,0 +1,41 @@
+"""With no router loaded, the FTP classes compute exactly what stock vLLM does."""
+
+import pytest
+
+from conftest import real_prompts, run_engines
+
+pytestmark = pytest.mark.engine
+
+
+def assert_same_outputs(stock: dict, ftp: dict, ftp_arch: str, n_prompts: int, n_tokens: int) -> None:
+    assert ftp["architecture"] == ftp_arch
+    assert stock["architecture"] != ftp_arch
+    assert len(stock["tokens"]) == n_prompts
+    assert all(len(t) == n_tokens for t in stock["tokens"])
+    assert len({tuple(t) for t in stock["tokens"]}) > n_prompts // 2, "degenerate outputs prove nothing"
+    for i, (a, b) in enumerate(zip(stock["tokens"], ftp["tokens"])):
+        assert a == b, f"prompt {i}: first difference at token {next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)}"
+
+
+def test_real_model_ftp_class_equals_stock_llama(real_model):
+    prompts = real_prompts(32)
+    runs = [
+        {"llm": {"model": real_model}, "prompts": prompts, "max_tokens": 64},
+        {"llm": {"model": real_model, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"]}},
+         "prompts": prompts, "max_tokens": 64},
+    ]
+    stock, ftp = run_engines(runs)
+    assert stock["architecture"] == "LlamaForCausalLM"
+    assert_same_outputs(stock, ftp, "FTPLlamaForCausalLM", 32, 64)
+
+
+def test_tiny_models_ftp_classes_equal_stock(tiny_llama, tiny_qwen2):
+    prompts = real_prompts(8)
+    runs = []
+    for folder, arch in ((tiny_llama, "FTPLlamaForCausalLM"), (tiny_qwen2, "FTPQwen2ForCausalLM")):
+        runs.append({"llm": {"model": folder}, "prompts": prompts, "max_tokens": 16})
+        runs.append({"llm": {"model": folder, "hf_overrides": {"architectures": [arch]}},
+                     "prompts": prompts, "max_tokens": 16})
+    llama_stock, llama_ftp, qwen_stock, qwen_ftp = run_engines(runs)
+    assert_same_outputs(llama_stock, llama_ftp, "FTPLlamaForCausalLM", 8, 16)
+    assert_same_outputs(qwen_stock, qwen_ftp, "FTPQwen2ForCausalLM", 8, 16)
