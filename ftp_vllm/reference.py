@@ -191,15 +191,17 @@ class _Tokens:
 
 @torch.no_grad()
 def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Tensor, cu_seqlens: Tensor) -> None:
-    """Set the router's mean queries and score statistics from a dense pass over calibration
+    """Set the router's mean queries and feature statistics from a dense pass over calibration
     text.  Position 0 is left out: it is always kept and, as the attention sink, an outlier."""
     out = model(input_ids, cu_seqlens, return_hidden=True)
-    later = R.local_index(cu_seqlens) > 0
+    positions = R.local_index(cu_seqlens)
+    later = positions > 0
     for b in range(model.num_blocks):
-        q, k, _ = model.qkv(b, out.hidden[b][later])
-        router.mean_query[b] = R.fold_mean_query(q.mean(0), model.num_kv_heads)
-        scores = R.key_scores(k, router.mean_query[b])
-        router.score_mean[b], router.score_std[b] = scores.mean(), scores.std().clamp_min(1e-6)
+        q, k, _ = model.qkv(b, out.hidden[b])
+        router.mean_query[b] = R.fold_mean_query(q[later].mean(0), model.num_kv_heads)
+        raw = router.block_features(b, router.block_scores(b, k), positions, cu_seqlens)[later]
+        router.feature_mean[b], router.feature_std[b] = raw.mean(0), raw.std(0).clamp_min(1e-6)
+        router.feature_mean[b, 3], router.feature_std[b, 3] = 0.0, 1.0  # sparsity: constant within a block
 
 
 @torch.no_grad()

@@ -38,10 +38,11 @@ pos_i     Normalised absolute position: log1p(p_i) / log1p(max_position).
 sparsity  The block's target (prompt) sparsity s_b in [0, 1]; decode tokens
           get the same input, only their threshold differs.
 
-Router input, ``[pos, z, rank, sparsity]`` with z = (score - score_mean[b]) /
-score_std[b] (per-block statistics from calibration text, since score scales
-differ across blocks while one MLP serves them all); the other three are
-already in [0, 1].  `RouterMLP`, shared by all blocks, maps it to a logit.
+Router input: the raw features ``[pos, score, rank, sparsity]``, standardised
+as (x - feature_mean[b]) / feature_std[b] with statistics of calibration text
+(per block, since score scales differ across blocks while one MLP serves them
+all; the sparsity column is left raw: mean 0, std 1).  `RouterMLP`, shared by
+all blocks, maps it to a logit.
 
 Keep rule (`keep_mask`): a prompt token is kept where logit >
 threshold_prompt[b], a decode token where logit > threshold_decode[b]; both
@@ -139,12 +140,12 @@ def position_feature(positions: Tensor, max_position: int) -> Tensor:
 
 
 def router_features(
-    z_score: Tensor, rank: Tensor, positions: Tensor, sparsity: float | Tensor, max_position: int
+    scores: Tensor, rank: Tensor, positions: Tensor, sparsity: float | Tensor, max_position: int
 ) -> Tensor:
-    """[T, 4] router input: [pos, z-scored attention score, rank, block sparsity]."""
+    """[T, 4] raw router features: [pos, attention score, rank, block sparsity]."""
     pos = position_feature(positions, max_position)
     s = torch.as_tensor(sparsity, dtype=torch.float32, device=pos.device).expand_as(pos)
-    return torch.stack([pos, z_score.float(), rank.float(), s], dim=-1)
+    return torch.stack([pos, scores.float(), rank.float(), s], dim=-1)
 
 
 # ---- router ---------------------------------------------------------------
@@ -164,8 +165,8 @@ class RouterMLP(nn.Module):
 class Router(nn.Module):
     """The MLP plus the per-block state it needs; buffers are the checkpoint's tensors.
 
-    mean_query [B, KV, d] folded mean queries; score_mean/score_std [B] feature
-    normalisation; sparsity / decode_sparsity [B] targets; threshold_prompt /
+    mean_query [B, KV, d] folded mean queries; feature_mean/feature_std [B, 4]
+    feature standardisation; sparsity / decode_sparsity [B] targets; threshold_prompt /
     threshold_decode [B] logit thresholds (0 until calibrated: p > 0.5).
     """
 
@@ -174,8 +175,8 @@ class Router(nn.Module):
         self.mlp = RouterMLP(hidden)
         self.max_position = max_position
         self.register_buffer("mean_query", torch.zeros(num_blocks, num_kv_heads, head_dim))
-        self.register_buffer("score_mean", torch.zeros(num_blocks))
-        self.register_buffer("score_std", torch.ones(num_blocks))
+        self.register_buffer("feature_mean", torch.zeros(num_blocks, NUM_FEATURES))
+        self.register_buffer("feature_std", torch.ones(num_blocks, NUM_FEATURES))
         self.register_buffer("sparsity", torch.zeros(num_blocks))
         self.register_buffer("decode_sparsity", torch.zeros(num_blocks))
         self.register_buffer("threshold_prompt", torch.zeros(num_blocks))
@@ -191,10 +192,13 @@ class Router(nn.Module):
         decode_sparsity = sparsity if decode_sparsity is None else decode_sparsity
         self.sparsity.copy_(torch.as_tensor(list(sparsity), dtype=torch.float32))
         self.decode_sparsity.copy_(torch.as_tensor(list(decode_sparsity), dtype=torch.float32))
-        self._targets = list(zip(map(float, sparsity), map(float, decode_sparsity)))
+        self._sync_targets()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self._sync_targets()
+
+    def _sync_targets(self) -> None:
         self._targets = list(zip(self.sparsity.tolist(), self.decode_sparsity.tolist()))
 
     def is_dense(self, block: int) -> bool:
@@ -204,6 +208,19 @@ class Router(nn.Module):
     def block_scores(self, block: int, keys: Tensor) -> Tensor:
         """score of step tokens from their pre-rotary keys [T, KV, d]."""
         return key_scores(keys, self.mean_query[block])
+
+    def block_features(
+        self,
+        block: int,
+        scores: Tensor,
+        positions: Tensor,
+        cu_seqlens: Tensor,
+        past_scores: Tensor | None = None,
+        past_cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        """Raw features [T, 4] of the step tokens at `block`."""
+        rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens)
+        return router_features(scores, rank, positions, self.sparsity[block], self.max_position)
 
     def block_logits(
         self,
@@ -215,9 +232,8 @@ class Router(nn.Module):
         past_cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Router logits [T] of the step tokens at `block`, given their scores (and the past's)."""
-        rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens)
-        z = (scores - self.score_mean[block]) / self.score_std[block]
-        return self.mlp(router_features(z, rank, positions, self.sparsity[block], self.max_position))
+        raw = self.block_features(block, scores, positions, cu_seqlens, past_scores, past_cu_seqlens)
+        return self.mlp((raw - self.feature_mean[block]) / self.feature_std[block])
 
     def keep(self, block: int, logits: Tensor, positions: Tensor, prompt_lens: Tensor) -> Tensor:
         """Serving keep rule at `block`; `prompt_lens` is per token.  A kind of token (prompt or
