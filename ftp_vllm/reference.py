@@ -80,8 +80,8 @@ class RoutedModel(nn.Module):
         """Pre-rotary q [T, H, d], k and v [T, KV, d] of hidden states h at `block`."""
         attn = self.layers[block].self_attn
         x = self.layers[block].input_layernorm(h)
-        d = self.head_dim
-        return attn.q_proj(x).view(-1, self.num_heads, d), attn.k_proj(x).view(-1, self.num_kv_heads, d), attn.v_proj(x).view(-1, self.num_kv_heads, d)
+        d, kv = self.head_dim, self.num_kv_heads
+        return attn.q_proj(x).view(-1, self.num_heads, d), attn.k_proj(x).view(-1, kv, d), attn.v_proj(x).view(-1, kv, d)
 
     def _attention(self, block: int, q, k, v, cos, sin, bounds: list[int]) -> Tensor:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -124,7 +124,7 @@ class RoutedModel(nn.Module):
         for b, layer in enumerate(self.layers):
             hidden.append(h)
             q, k, v = self.qkv(b, h)
-            gate, router_logits, prob = None, torch.zeros(T), None
+            gate, router_logits, prob = None, h.new_zeros(T), None
             if keep is not None:
                 gate = keep[b]
             elif router is not None and not router.is_dense(b):
@@ -135,7 +135,7 @@ class RoutedModel(nn.Module):
             h_mid = h + attn
             h_full = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
             if gate is None:
-                h, hard = h_full, torch.ones(T, dtype=torch.bool)
+                h, hard = h_full, torch.ones(T, dtype=torch.bool, device=h.device)
             else:
                 g = gate.to(h.dtype)[:, None]
                 h, hard = h_full * g + h * (1 - g), gate.detach() > 0.5

@@ -151,7 +151,12 @@ def router_features(
 # ---- router ---------------------------------------------------------------
 
 class RouterMLP(nn.Module):
-    """Linear(4, 64) -> SiLU -> Linear(64, 1): one logit per token, shared by all blocks."""
+    """Linear(4, 64) -> SiLU -> Linear(64, 1): one logit per token, shared by all blocks.
+
+    Computed as per-row products and sums, not matmuls: BLAS picks kernels (and so the
+    rounding) by the number of rows, and a token's decision near its threshold must not
+    depend on how many other tokens share the step.  At this size it costs nothing.
+    """
 
     def __init__(self, hidden: int = HIDDEN):
         super().__init__()
@@ -159,7 +164,8 @@ class RouterMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(features))).squeeze(-1)
+        hidden = F.silu((features.unsqueeze(-2) * self.fc1.weight).sum(-1) + self.fc1.bias)
+        return (hidden * self.fc2.weight[0]).sum(-1) + self.fc2.bias[0]
 
 
 class Router(nn.Module):

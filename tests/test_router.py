@@ -126,10 +126,13 @@ def test_topk_keep_counts():
     assert keep[:10].sum() == 5 and keep[10:].sum() == 2 and keep[always].all()
 
 
-def test_router_mlp_shape():
+def test_router_mlp_is_the_linear_stack_and_batch_invariant():
     mlp = R.RouterMLP()
-    assert mlp(torch.randn(7, R.NUM_FEATURES)).shape == (7,)
+    x = torch.randn(700, R.NUM_FEATURES)
+    out = mlp(x)
     assert [p.shape for p in mlp.parameters()] == [(64, 4), (64,), (1, 64), (1,)]
+    torch.testing.assert_close(out, mlp.fc2(torch.nn.functional.silu(mlp.fc1(x)))[:, 0])
+    assert all(torch.equal(mlp(x[a:b]), out[a:b]) for a, b in [(0, 1), (3, 9), (100, 613)])
 
 
 def test_router_state_dict_round_trip():
@@ -138,3 +141,16 @@ def test_router_state_dict_round_trip():
     b = R.Router(3, 2, 4, 100)
     b.load_state_dict(a.state_dict())
     assert b.is_dense(0) and not b.is_dense(1) and b._targets == a._targets
+
+
+def test_block_logits_split_independent():
+    """What a vLLM layer computes from (cached past scores, step scores) equals the whole pass."""
+    torch.manual_seed(0)
+    router = R.Router(2, 2, 4, 512)
+    router.set_schedule([0.0, 0.3])
+    keys = torch.randn(25, 2, 4)
+    router.mean_query[1] = torch.randn(2, 4)
+    scores = router.block_scores(1, keys)
+    whole = router.block_logits(1, scores, torch.arange(25), torch.tensor([0, 25]))
+    step = router.block_logits(1, scores[17:], torch.arange(17, 25), torch.tensor([0, 8]), scores[:17], torch.tensor([0, 17]))
+    assert torch.equal(step, whole[17:])
