@@ -11,12 +11,13 @@ distill    KL(dense || pruned) of the next-token distributions: what pruning
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def guide_loss(router_logits: Tensor, teacher_keep: Tensor, routed: list[int], token_mask: Tensor | None = None) -> Tensor:
+def guide_loss(
+    router_logits: Tensor, teacher_keep: Tensor, routed: list[int], token_mask: Tensor | None = None
+) -> Tensor:
     """BCE over the routed blocks' tokens; logits/teacher are [B, T]."""
     logits, target = router_logits[routed], teacher_keep[routed].float()
     if token_mask is not None:
@@ -44,13 +45,23 @@ def distill_loss(pruned_logits: Tensor, dense_logits: Tensor, token_mask: Tensor
     """Mean over tokens of KL(dense || pruned); logits are [T, V]."""
     if token_mask is not None:
         pruned_logits, dense_logits = pruned_logits[token_mask], dense_logits[token_mask]
-    return F.kl_div(F.log_softmax(pruned_logits, -1), F.log_softmax(dense_logits, -1), log_target=True, reduction="batchmean")
+    log_pruned, log_dense = F.log_softmax(pruned_logits, -1), F.log_softmax(dense_logits, -1)
+    return F.kl_div(log_pruned, log_dense, log_target=True, reduction="batchmean")
 
 
-def ftp_loss(out, dense_logits: Tensor, teacher_keep: Tensor, targets: Tensor, guide_scale: float, weights=(1.0, 1.0, 1.0), token_mask: Tensor | None = None):
+def ftp_loss(
+    out,
+    dense_logits: Tensor,
+    teacher_keep: Tensor,
+    targets: Tensor,
+    guide_scale: float,
+    weights=(1.0, 1.0, 1.0),
+    token_mask: Tensor | None = None,
+):
     """Weighted sum (guide weight times `guide_scale`) and the parts, from a "train" mode `RoutedOutput`."""
+    no_router = out.logits.new_zeros(())
     parts = {
-        "guide": guide_loss(out.router_logits, teacher_keep, out.routed, token_mask) if out.routed else out.logits.new_zeros(()),
+        "guide": guide_loss(out.router_logits, teacher_keep, out.routed, token_mask) if out.routed else no_router,
         "sparsity": sparsity_hinge(out.keep_prob, targets, token_mask),
         "distill": distill_loss(out.logits, dense_logits, token_mask),
     }

@@ -81,7 +81,8 @@ class RoutedModel(nn.Module):
         attn = self.layers[block].self_attn
         x = self.layers[block].input_layernorm(h)
         d, kv = self.head_dim, self.num_kv_heads
-        return attn.q_proj(x).view(-1, self.num_heads, d), attn.k_proj(x).view(-1, kv, d), attn.v_proj(x).view(-1, kv, d)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        return q.view(-1, self.num_heads, d), k.view(-1, kv, d), v.view(-1, kv, d)
 
     def _attention(self, block: int, q, k, v, cos, sin, bounds: list[int]) -> Tensor:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -144,20 +145,19 @@ class RoutedModel(nn.Module):
             probs.append(hard.float() if prob is None else prob)
         hidden.append(h)
         logits = self.hf.lm_head(self.hf.model.norm(h))
-        return RoutedOutput(
-            logits, torch.stack(keeps), torch.stack(logits_all), torch.stack(probs), routed, hidden if return_hidden else None
-        )
+        hidden = hidden if return_hidden else None
+        return RoutedOutput(logits, torch.stack(keeps), torch.stack(logits_all), torch.stack(probs), routed, hidden)
 
     @staticmethod
     def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "_Tokens"):
         if mode == "train":
             return R.soft_gate(logits, tok.always, 0.0, temperature)
         if mode == "calibrate":
-            with torch.no_grad():
-                p, d = tok.is_prompt, ~tok.is_prompt
-                router.threshold_prompt[b] = R.calibrate_threshold(logits[p], router.sparsity[b].item(), tok.always[p])
-                if d.any():
-                    router.threshold_decode[b] = R.calibrate_threshold(logits[d], router.decode_sparsity[b].item(), tok.always[d])
+            p, d = tok.is_prompt, ~tok.is_prompt
+            prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
+            router.threshold_prompt[b] = R.calibrate_threshold(logits[p], prompt_target, tok.always[p])
+            if d.any():
+                router.threshold_decode[b] = R.calibrate_threshold(logits[d], decode_target, tok.always[d])
         elif mode not in ("threshold", "topk"):
             raise ValueError(f"unknown routing mode {mode!r}")
         keep = router.keep(b, logits, tok.positions, tok.prompt_lens)
@@ -184,7 +184,8 @@ class _Tokens:
         positions = R.local_index(cu_seqlens)
         token_prompt_lens = per_request[rid]
         prompt_cu = F.pad(per_request.cumsum(0), (1, 0))
-        return cls(positions, token_prompt_lens, positions < token_prompt_lens, R.always_keep_mask(positions, token_prompt_lens), prompt_cu)
+        always = R.always_keep_mask(positions, token_prompt_lens)
+        return cls(positions, token_prompt_lens, positions < token_prompt_lens, always, prompt_cu)
 
 
 # ---- calibration helpers ---------------------------------------------------

@@ -258,8 +258,13 @@ class Router(nn.Module):
 # ---- keep rules -----------------------------------------------------------
 
 def keep_mask(
-    logits: Tensor, is_prompt: Tensor, always_keep: Tensor, threshold_prompt: Tensor | float, threshold_decode: Tensor | float
+    logits: Tensor,
+    is_prompt: Tensor,
+    always_keep: Tensor,
+    threshold_prompt: Tensor | float,
+    threshold_decode: Tensor | float,
 ) -> Tensor:
+    """Serving keep rule on flat tokens: logit above its kind's threshold, or always kept."""
     threshold = torch.where(is_prompt, torch.as_tensor(threshold_prompt), torch.as_tensor(threshold_decode))
     return (logits > threshold) | always_keep
 

@@ -34,7 +34,8 @@ def train_router(
             dense_logits = model(input_ids, cu_seqlens).logits
         teacher = static_keep(cu_seqlens, targets.tolist())
         out = model(input_ids, cu_seqlens, router=router, mode="train", temperature=temperature)
-        total, parts = ftp_loss(out, dense_logits, teacher, targets, guide_weight(step, int(guide_decay * steps)), weights)
+        guide_scale = guide_weight(step, int(guide_decay * steps))
+        total, parts = ftp_loss(out, dense_logits, teacher, targets, guide_scale, weights)
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
