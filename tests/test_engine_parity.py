@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import real_prompts, run_engines
+from .conftest import real_prompts, run_engines
 
 pytestmark = pytest.mark.engine
 

@@ -1,0 +1,129 @@
+import math
+
+import torch
+
+from ftp_vllm.reference import (
+    block_influence,
+    random_keep,
+    rotate,
+    shortgpt_blocks,
+    shortgpt_keep,
+    static_keep,
+)
+
+from .conftest import calibrated_router, packed_batch
+
+
+def test_all_kept_equals_transformers(tiny):
+    ids, cu = packed_batch([13, 7, 20])
+    out = tiny(ids, cu)
+    with torch.no_grad():
+        expected = torch.cat([tiny.hf(ids[None, a:b]).logits[0] for a, b in zip(cu[:-1], cu[1:])])
+    assert (out.logits - expected).abs().max() < 1e-4
+    assert out.keep.all() and out.routed == []
+
+
+def manual_block(model, b, h, keep):
+    """Block b by hand: per-token loop, softmax attention over every earlier token's K/V."""
+    layer = model.layers[b]
+    q, k, v = model.qkv(b, h)
+    cos, sin = (t[0] for t in model.hf.model.rotary_emb(h[None], torch.arange(len(h))[None]))
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    group = model.num_heads // model.num_kv_heads
+    out = h.clone()
+    for i in range(len(h)):
+        if not keep[i]:
+            continue
+        heads = []
+        for hd in range(model.num_heads):
+            logits = k[: i + 1, hd // group] @ q[i, hd] / math.sqrt(model.head_dim)
+            heads.append(torch.softmax(logits, 0) @ v[: i + 1, hd // group])
+        mid = h[i] + layer.self_attn.o_proj(torch.cat(heads))
+        out[i] = mid + layer.mlp(layer.post_attention_layernorm(mid))
+    return out
+
+
+def test_skipped_token_passes_through_and_lends_its_kv(tiny):
+    ids, cu = packed_batch([10], seed=1)
+    keep = torch.ones(tiny.num_blocks, 10, dtype=torch.bool)
+    keep[1, [3, 6]] = False
+    out = tiny(ids, cu, keep=keep, return_hidden=True)
+    h_in, h_out = out.hidden[1], out.hidden[2]
+    assert torch.equal(h_out[3], h_in[3]) and torch.equal(h_out[6], h_in[6])
+    with torch.no_grad():
+        expected = manual_block(tiny, 1, h_in, keep[1])
+        torch.testing.assert_close(h_out, expected, atol=1e-5, rtol=1e-5)
+        # The check is sensitive: without token 3's K/V, token 5 would come out different.
+        without = manual_block(tiny, 1, torch.cat([h_in[:3], h_in[4:]]), torch.ones(9, dtype=torch.bool))
+    assert (without[4] - h_out[5]).abs().max() > 1e-3
+
+
+def test_features_and_decisions_look_backwards(tiny):
+    router, ids, cu, _ = calibrated_router(tiny, [0.0, 0.4, 0.4, 0.0], lengths=(30,))
+    base = tiny(ids, cu, router=router)
+    changed = ids.clone()
+    changed[20] = (changed[20] + 17) % 1000
+    out = tiny(changed, cu, router=router)
+    assert torch.equal(out.router_logits[:, :20], base.router_logits[:, :20])
+    assert torch.equal(out.keep[:, :20], base.keep[:, :20])
+    assert not torch.equal(out.router_logits[:, 20:], base.router_logits[:, 20:])
+
+
+def test_prompt_then_decode_equals_token_by_token(tiny):
+    """One pass over prompt + continuation == serving the prompt, then decoding one token at a time."""
+    router, *_ = calibrated_router(tiny, [0.0, 0.5, 0.3, 0.0], prompt_lens=torch.tensor([30, 30]), decode_sparsity=[0.0, 0.5, 0.5, 0.0])
+    ids, cu = packed_batch([40], seed=3)
+    prompt = torch.tensor([30])
+    # Put the decode thresholds of the routed blocks mid-way through this
+    # continuation's logits, so that the decode rule both keeps and skips.
+    logits = tiny(ids, cu, prompt, router=router).router_logits
+    for b in (1, 2):
+        router.threshold_decode[b] = logits[b, 31:].median()
+    full = tiny(ids, cu, prompt, router=router)
+    assert not full.keep[1:3, 31:].all() and full.keep[1:3, 31:].any()
+    for n in range(30, 41):
+        part = tiny(ids[:n], torch.tensor([0, n]), prompt, router=router)
+        torch.testing.assert_close(part.logits[-1], full.logits[n - 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(part.keep, full.keep[:, :n])
+
+
+def test_calibrated_thresholds_realise_targets(tiny):
+    targets = [0.0, 0.25, 0.6, 0.4]
+    router, ids, cu, calib = calibrated_router(tiny, targets, lengths=(50, 50))
+    out = tiny(ids, cu, router=router)
+    assert torch.equal(out.keep, calib.keep)
+    realised = 1 - out.keep.float().mean(1)
+    assert (realised - torch.tensor(targets)).abs().max() <= 0.01
+    assert out.routed == [1, 2, 3] and out.keep[0].all()
+    assert out.keep[:, [0, 49, 50, 99]].all()
+
+
+def test_decode_threshold_has_its_own_target(tiny):
+    router, ids, cu, calib = calibrated_router(
+        tiny, [0.0, 0.5, 0.5, 0.0], lengths=(60, 60), prompt_lens=torch.tensor([40, 40]), decode_sparsity=[0.0, 0.1, 0.2, 0.0]
+    )
+    decode = torch.cat([torch.arange(40, 60), torch.arange(100, 120)])
+    realised = 1 - calib.keep[:, decode].float().mean(1)
+    assert (realised - torch.tensor([0.0, 0.1, 0.2, 0.0])).abs().max() <= 0.01
+
+
+def test_topk_mode_prompt_sparsity(tiny):
+    router, ids, cu, _ = calibrated_router(tiny, [0.0, 0.3, 0.3, 0.0], lengths=(20, 20))
+    out = tiny(ids, cu, router=router, mode="topk")
+    assert out.keep[1:3, :20].sum(1).tolist() == [14, 14]
+
+
+def test_baselines(tiny):
+    ids, cu = packed_batch([12, 12], seed=4)
+    prompt = torch.tensor([10, 10])
+    static = static_keep(cu, [0.0, 0.5], prompt)
+    assert static[0].all()
+    assert static[1, :12].tolist() == [True] + [False] * 5 + [True] * 6
+    rand = random_keep(cu, [0.0, 0.5], prompt, torch.Generator().manual_seed(0))
+    assert rand[1, :10].sum() == 5 and rand[1, [0, 9, 10, 11]].all()
+
+    influence = block_influence(tiny, ids, cu)
+    assert influence.shape == (tiny.num_blocks,)
+    drop = shortgpt_blocks(influence, 1)
+    out = tiny(ids, cu, keep=shortgpt_keep(tiny.num_blocks, 24, drop), return_hidden=True)
+    assert torch.equal(out.hidden[drop[0] + 1], out.hidden[drop[0]])

@@ -1,0 +1,71 @@
+import torch
+
+from ftp_vllm.losses import distill_loss, ftp_loss, guide_weight, sparsity_hinge
+from ftp_vllm.reference import static_keep
+from ftp_vllm.train import train_router
+
+from .conftest import calibrated_router, packed_batch
+
+TARGETS = [0.0, 0.4, 0.4, 0.0]
+
+
+def routed_with_bias(model, bias):
+    router, ids, cu, _ = calibrated_router(model, TARGETS, lengths=(24, 24))
+    with torch.no_grad():
+        router.mlp.fc2.weight.zero_()
+        router.mlp.fc2.bias.fill_(bias)
+    return router, ids, cu
+
+
+def test_sparsity_hinge():
+    targets = torch.tensor([0.0, 0.5])
+    assert sparsity_hinge(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), targets) == 0
+    assert sparsity_hinge(torch.tensor([[1.0, 1.0], [0.2, 0.2]]), targets) == 0
+    assert torch.isclose(sparsity_hinge(torch.tensor([[1.0, 1.0], [0.9, 0.9]]), targets), torch.tensor(0.4))
+
+
+def test_hinge_on_model_zero_when_met_positive_when_under_pruned(tiny_llama_ref):
+    targets = torch.tensor(TARGETS)
+    router, ids, cu = routed_with_bias(tiny_llama_ref, -20.0)  # skips all but forced tokens
+    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    assert sparsity_hinge(out.keep_prob, targets) == 0
+    router, ids, cu = routed_with_bias(tiny_llama_ref, 20.0)  # keeps everything
+    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    assert torch.isclose(sparsity_hinge(out.keep_prob, targets), targets.sum())
+
+
+def test_distillation_zero_when_nothing_skipped(tiny_llama_ref):
+    router, ids, cu = routed_with_bias(tiny_llama_ref, 20.0)
+    dense = tiny_llama_ref(ids, cu).logits
+    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    assert out.keep.all()
+    assert distill_loss(out.logits, dense).abs() < 1e-6
+    skip = tiny_llama_ref(ids, cu, router=routed_with_bias(tiny_llama_ref, -20.0)[0], mode="train")
+    assert distill_loss(skip.logits, dense) > 1e-4
+
+
+def test_all_losses_reach_the_router(tiny_llama_ref):
+    router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(24, 24))
+    dense = tiny_llama_ref(ids, cu).logits
+    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    total, parts = ftp_loss(out, dense, static_keep(cu, TARGETS), torch.tensor(TARGETS), guide_weight(0, 10))
+    total.backward()
+    assert all(v.isfinite() for v in parts.values()) and parts["distill"] > 0
+    assert router.mlp.fc1.weight.grad.abs().sum() > 0
+    assert not any(p.grad is not None for p in tiny_llama_ref.parameters())
+
+
+def test_guide_loss_decreases(tiny_llama_ref):
+    router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(16, 16))
+    history = train_router(tiny_llama_ref, router, [(ids, cu)], steps=8, lr=0.1, guide_decay=100.0, weights=(1.0, 0.0, 0.0))
+    assert history[-1]["guide"] < 0.5 * history[0]["guide"], [round(h["guide"], 3) for h in history]
+
+
+def test_guide_weight_decays_to_zero():
+    assert guide_weight(0, 10) == 1.0 and guide_weight(5, 10) == 0.5 and guide_weight(10, 10) == 0.0 == guide_weight(20, 10)
+
+
+def test_train_router_runs_all_losses(tiny_llama_ref):
+    router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(24, 24))
+    history = train_router(tiny_llama_ref, router, [packed_batch([24, 24], seed=5)], steps=3)
+    assert len(history) == 3 and history[-1]["guide"] >= 0 and all(torch.isfinite(torch.tensor(h["total"])) for h in history)
