@@ -20,6 +20,9 @@ def register() -> None:
     imported when vLLM builds a model."""
     from vllm import ModelRegistry
 
+    from .vllm_args import install_cli_hooks
+
+    install_cli_hooks()
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:

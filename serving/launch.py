@@ -23,8 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ftp_vllm import BASE_ARCHITECTURES
 from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
+from ftp_vllm.vllm_args import ftp_architecture
 
 GiB = 1 << 30
 
@@ -46,19 +46,6 @@ def available_memory() -> int:
 def kv_cache_bytes() -> int:
     """A quarter of free memory, within [1, 8] GiB: the weights and the engine need the rest."""
     return int(min(max(available_memory() // 4, GiB), 8 * GiB))
-
-
-def ftp_architecture(folder: str) -> str:
-    config = Path(folder) / "config.json"
-    archs = json.loads(config.read_text()).get("architectures") or []
-    for arch in archs:
-        if arch in BASE_ARCHITECTURES.values():
-            return arch
-        if arch in BASE_ARCHITECTURES:
-            return BASE_ARCHITECTURES[arch]
-    raise ModelError(
-        f"{config}: architecture {archs} has no FTP class; supported: {', '.join(BASE_ARCHITECTURES)}"
-    )
 
 
 def has_flag(args: list[str], *flags: str) -> bool:
@@ -107,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         cmd, env = vllm_command(args.model, args.host, args.port, extra)
-    except ModelError as e:
+    except (ModelError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,11 @@ one call share the (slow) vLLM import and start one after another.
 
     python tests/engine_worker.py RUNS_JSON
 
-RUNS_JSON is a list of {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N};
-the answer is one {"architecture", "tokens"} per run.
+RUNS_JSON is a list of {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N,
+"one_by_one": bool, "env": {...}}; the answer is one {"architecture", "tokens",
+"traces"} per run.  With `one_by_one` each prompt is generated alone, and when
+FTP_VLLM_TRACE is set in the run's env each prompt gets the routing trace
+lines its steps wrote.
 """
 
 import gc
@@ -25,6 +28,8 @@ def main() -> None:
 
     results = []
     for run in json.loads(sys.argv[1]):
+        os.environ.update(run.get("env", {}))
+        trace = os.environ.get("FTP_VLLM_TRACE")
         llm = LLM(**{
             "enforce_eager": True,
             "kv_cache_memory_bytes": 1 << 30,
@@ -33,11 +38,23 @@ def main() -> None:
             **run["llm"],
         })
         params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True)
-        outputs = llm.generate(run["prompts"], params, use_tqdm=False)
+        groups = [[p] for p in run["prompts"]] if run.get("one_by_one") else [run["prompts"]]
+        tokens, traces = [], []
+        for group in groups:
+            start = os.path.getsize(trace) if trace and os.path.exists(trace) else 0
+            outputs = llm.generate(group, params, use_tqdm=False)
+            tokens += [list(o.outputs[0].token_ids) for o in outputs]
+            if trace:
+                with open(trace, "a+") as f:
+                    f.seek(start)
+                    traces.append([json.loads(line) for line in f])
         results.append({
             "architecture": llm.llm_engine.model_config.architecture,
-            "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            "tokens": tokens,
+            "traces": traces,
         })
+        for key in run.get("env", {}):
+            os.environ.pop(key, None)
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

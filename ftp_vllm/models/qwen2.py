@@ -8,14 +8,14 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 
-from .routed import RoutedDecoderLayer
+from .routed import FTPModelMixin, RoutedDecoderLayer
 
 
 class FTPQwen2DecoderLayer(RoutedDecoderLayer, Qwen2DecoderLayer):
     pass
 
 
-class FTPQwen2ForCausalLM(Qwen2ForCausalLM):
+class FTPQwen2ForCausalLM(FTPModelMixin, Qwen2ForCausalLM):
     # The stock __init__ builds Qwen2Model with its own layer type and takes no
     # override, so this one builds the same parts with the routed layer instead.
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -41,3 +41,4 @@ class FTPQwen2ForCausalLM(Qwen2ForCausalLM):
             self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self._init_routing(vllm_config)

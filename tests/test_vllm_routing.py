@@ -1,0 +1,97 @@
+"""Routing inside vLLM equals the plain-PyTorch reference (float32): keep masks and greedy tokens,
+with chunked prefill, prefix-cache hits and mixed batches."""
+
+import pytest
+import torch
+
+from .conftest import real_prompts, run_engines
+
+pytestmark = pytest.mark.engine
+
+SCHEDULE = [0.0, 0.5, 0.3, 0.0]
+DECODE_SCHEDULE = [0.0, 0.5, 0.5, 0.0]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_router(tiny_llama, tmp_path_factory):
+    """A router for the tiny Llama: untrained MLP, calibrated on real text."""
+    from transformers import AutoTokenizer
+
+    from ftp_vllm.checkpoint import fingerprint, save_checkpoint
+    from ftp_vllm.reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds
+
+    torch.manual_seed(0)
+    model = RoutedModel.from_pretrained(tiny_llama)
+    router = model.new_router()
+    router.set_schedule(SCHEDULE, DECODE_SCHEDULE)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    chunks = [tok(t)["input_ids"][:64] for t in real_prompts(8, words=80)]
+    ids = torch.tensor(sum(chunks, []))
+    cu = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
+    prompt_lens = torch.tensor([48] * len(chunks))
+    calibrate_router_inputs(model, router, ids, cu)
+    calibrate_router_thresholds(model, router, ids, cu, prompt_lens)
+    folder = save_checkpoint(tmp_path_factory.mktemp("router"), router, {"base_model": fingerprint(tiny_llama)})
+    return model, router, str(folder), tok
+
+
+def reference_masks(model, router, prompt: list[int], generated: list[int]):
+    """Keep masks [B, T] and greedy continuation of the reference over what vLLM processed."""
+    ids = torch.tensor(prompt + generated[:-1])
+    out = model(ids, torch.tensor([0, len(ids)]), torch.tensor([len(prompt)]), router=router)
+    greedy = out.logits[len(prompt) - 1:].argmax(-1).tolist()
+    return out.keep, greedy
+
+
+def vllm_masks(trace: list[dict], num_blocks: int, length: int) -> torch.Tensor:
+    """Per-block keep masks by position from one request's trace lines (dense blocks: all kept)."""
+    keep = torch.full((num_blocks, length), -1)
+    for step in trace:
+        for block, mask in step["keep"].items():
+            keep[int(block), step["positions"]] = torch.tensor(mask)
+    return keep
+
+
+def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp_path):
+    model, router, folder, tok = tiny_router
+    prompts = [tok(t)["input_ids"][:n] for t, n in zip(real_prompts(4, words=300), (40, 150, 200, 260))]
+    llm = {"model": tiny_llama, "dtype": "float32", "max_model_len": 512,
+           "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": folder}}
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    runs = [
+        # whole prompts, one request at a time
+        {"llm": llm, "prompts": inputs, "max_tokens": NEW_TOKENS, "one_by_one": True,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "whole.jsonl")}},
+        # chunked prefill in 32-token steps; each prompt twice, so the second is a prefix-cache hit
+        {"llm": {**llm, "max_num_batched_tokens": 32, "max_num_seqs": 4}, "prompts": inputs + inputs,
+         "max_tokens": NEW_TOKENS, "one_by_one": True,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "chunked.jsonl")}},
+        # all prompts in one batch: prefill and decode mixed in steps
+        {"llm": {**llm, "max_num_batched_tokens": 64}, "prompts": inputs, "max_tokens": NEW_TOKENS},
+    ]
+    whole, chunked, batched = run_engines(runs)
+    assert whole["architecture"] == "FTPLlamaForCausalLM"
+    for i, prompt in enumerate(prompts):
+        generated = whole["tokens"][i]
+        ref_keep, ref_greedy = reference_masks(model, router, prompt, generated)
+        length = len(prompt) + NEW_TOKENS - 1
+        got = vllm_masks(whole["traces"][i], router.num_blocks, length)
+        routed = [b for b in range(router.num_blocks) if not router.is_dense(b)]
+        assert torch.equal(got[routed], ref_keep[routed].long()), f"prompt {i}: keep masks differ"
+        assert not ref_keep[routed].all() and ref_keep[routed].any(), "the router should keep some and skip some"
+        assert generated == ref_greedy, f"prompt {i}: greedy tokens differ from the reference"
+        # the same with chunked prefill
+        assert chunked["tokens"][i] == generated
+        got = vllm_masks(chunked["traces"][i], router.num_blocks, length)
+        assert torch.equal(got[routed], ref_keep[routed].long()), f"prompt {i}: chunked keep masks differ"
+        assert max(len(s["positions"]) for s in chunked["traces"][i]) <= 32
+        # and again on a prefix-cache hit: the cached tokens are not recomputed
+        again = chunked["traces"][len(prompts) + i]
+        assert chunked["tokens"][len(prompts) + i] == generated
+        got = vllm_masks(again, router.num_blocks, length)
+        computed = got[routed[0]] >= 0
+        if len(prompt) > 128:
+            assert not computed[: 128].any(), "expected a prefix-cache hit"
+        assert torch.equal(got[routed][:, computed], ref_keep[routed][:, computed].long())
+        assert batched["tokens"][i] == generated, f"prompt {i}: batch neighbours changed the output"
