@@ -1,6 +1,8 @@
 """Routing inside vLLM equals the plain-PyTorch reference (float32): keep masks and greedy tokens,
 with chunked prefill, prefix-cache hits and mixed batches."""
 
+import json
+
 import pytest
 import torch
 
@@ -62,7 +64,8 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
     runs = [
         # whole prompts, one request at a time
         {"llm": llm, "prompts": inputs, "max_tokens": NEW_TOKENS, "one_by_one": True,
-         "env": {"FTP_VLLM_TRACE": str(tmp_path / "whole.jsonl")}},
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "whole.jsonl"), "FTP_VLLM_STATS": str(tmp_path / "stats.json"),
+                 "FTP_VLLM_STATS_INTERVAL": "0"}},
         # chunked prefill in 32-token steps; each prompt twice, so the second is a prefix-cache hit
         {"llm": {**llm, "max_num_batched_tokens": 32, "max_num_seqs": 4}, "prompts": inputs + inputs,
          "max_tokens": NEW_TOKENS, "one_by_one": True,
@@ -95,3 +98,37 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
             assert not computed[: 128].any(), "expected a prefix-cache hit"
         assert torch.equal(got[routed][:, computed], ref_keep[routed][:, computed].long())
         assert batched["tokens"][i] == generated, f"prompt {i}: batch neighbours changed the output"
+
+    # the realised-sparsity counters agree with the keep masks
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    steps = [s for trace in whole["traces"] for s in trace]
+    assert stats["prompt_tokens"] == sum(len(p) for p in prompts)
+    assert stats["decode_tokens"] == len(prompts) * (NEW_TOKENS - 1)
+    for row in stats["per_block"]:
+        b = str(row["block"])
+        kept = [(k, pos < pl) for s in steps if b in s["keep"] for k, pos, pl in zip(s["keep"][b], s["positions"], s["prompt_lens"])]
+        assert row["prompt_kept"] == sum(k for k, is_prompt in kept if is_prompt)
+        assert row["decode_kept"] == sum(k for k, is_prompt in kept if not is_prompt)
+    skipped = sum(r["prompt_total"] - r["prompt_kept"] for r in stats["per_block"])
+    assert stats["prompt_sparsity"] == pytest.approx(skipped / (4 * stats["prompt_tokens"]))
+
+
+def test_tensor_parallel_equals_single_rank(tiny_llama, tiny_router, tmp_path):
+    """TP=2 (one CPU core per rank) makes the same decisions and tokens as TP=1."""
+    _, _, folder, tok = tiny_router
+    prompts = [{"prompt_token_ids": tok(t)["input_ids"][:100]} for t in real_prompts(4, words=150)]
+    llm = {"model": tiny_llama, "dtype": "float32", "max_model_len": 512,
+           "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": folder}}
+    runs = [
+        {"llm": llm, "prompts": prompts, "max_tokens": NEW_TOKENS, "one_by_one": True,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "tp1.jsonl")}},
+        {"llm": {**llm, "tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+         "prompts": prompts, "max_tokens": NEW_TOKENS, "one_by_one": True,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "tp2.jsonl"), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
+    ]
+    tp1, tp2 = run_engines(runs)
+    assert tp1["tokens"] == tp2["tokens"]
+    for a, b in zip(tp1["traces"], tp2["traces"]):
+        assert a and {s["rank"] for s in b} == {0, 1}
+        for rank in (0, 1):
+            assert [s["keep"] for s in b if s["rank"] == rank] == [s["keep"] for s in a]

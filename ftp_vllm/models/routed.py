@@ -41,8 +41,6 @@ from ftp_vllm.router import local_index, request_ids
 
 logger = init_logger(__name__)
 
-STATS_INTERVAL_S = float(os.environ.get("FTP_VLLM_STATS_INTERVAL", "10"))
-
 
 class _StepPrompts:
     """Prompt length of each request of the coming step, in batch order.
@@ -116,6 +114,7 @@ class RoutingState(nn.Module):
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(num_blocks, 4, dtype=torch.int64), persistent=False)
         self._last_log = time.monotonic()
+        self._interval = float(os.environ.get("FTP_VLLM_STATS_INTERVAL", "10"))
         self._trace_path = os.environ.get("FTP_VLLM_TRACE")
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
@@ -158,28 +157,31 @@ class RoutingState(nn.Module):
         if self._trace_path:
             self._write_trace(positions)
         now = time.monotonic()
-        if now - self._last_log >= STATS_INTERVAL_S:
+        if now - self._last_log >= self._interval:
             self._last_log = now
             self.report()
 
     def stats(self) -> dict:
+        """Realised sparsity since start: the share of token-block computations skipped,
+        over all blocks (dense blocks count as computing every token)."""
         c = self.counts.tolist()
-        routed = [b for b in range(self.router.num_blocks) if not self.router.is_dense(b)]
+        num_blocks = self.router.num_blocks
+        prompt_tokens = max(row[1] for row in c)  # every routed block sees every token
+        decode_tokens = max(row[3] for row in c)
 
-        def share_skipped(kept_col, total_col, blocks):
-            total = sum(c[b][total_col] for b in blocks)
-            return None if total == 0 else 1 - sum(c[b][kept_col] for b in blocks) / total
+        def skipped(kept_col, total_col, tokens):
+            return None if tokens == 0 else sum(row[total_col] - row[kept_col] for row in c) / (num_blocks * tokens)
 
-        all_blocks = range(self.router.num_blocks)
         return {
-            "prompt_sparsity": share_skipped(0, 1, all_blocks),
-            "decode_sparsity": share_skipped(2, 3, all_blocks),
-            "prompt_tokens": c[0][1],
-            "decode_tokens": c[0][3],
+            "prompt_sparsity": skipped(0, 1, prompt_tokens),
+            "decode_sparsity": skipped(2, 3, decode_tokens),
+            "prompt_tokens": prompt_tokens,
+            "decode_tokens": decode_tokens,
+            "target_sparsity": self.config.get("target_sparsity"),
             "per_block": [
-                {"block": b, "prompt_kept": c[b][0], "prompt_total": c[b][1],
-                 "decode_kept": c[b][2], "decode_total": c[b][3], "routed": b in routed}
-                for b in all_blocks
+                {"block": b, "routed": not self.router.is_dense(b),
+                 "prompt_kept": c[b][0], "prompt_total": c[b][1], "decode_kept": c[b][2], "decode_total": c[b][3]}
+                for b in range(num_blocks)
             ],
         }
 
@@ -200,6 +202,7 @@ class RoutingState(nn.Module):
     def _write_trace(self, positions: Tensor) -> None:
         step = self.step
         record = {
+            "rank": get_tensor_model_parallel_rank(),
             "cu_seqlens": step.cu_seqlens.tolist(),
             "positions": positions[: len(step.slots)].tolist(),
             "prompt_lens": step.prompt_lens.tolist(),
