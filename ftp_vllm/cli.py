@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, prepare_model
 
 
@@ -16,6 +17,44 @@ def _tiny_model(args) -> None:
     from .tiny import write_tiny_model
 
     print(write_tiny_model(args.out, arch=args.arch, seed=args.seed))
+
+
+def _train(args) -> None:
+    import shlex
+
+    from .pipeline import TrainSettings, format_summary, run_training
+
+    fields = TrainSettings.__dataclass_fields__
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    folder, config = run_training(settings, command="ftp-vllm " + shlex.join(args.argv))
+    print(format_summary(folder, config))
+
+
+def _add_train_parser(sub) -> None:
+    from .pipeline import TrainSettings
+
+    defaults = TrainSettings(model="", sparsity=0.0, out="")
+    p = sub.add_parser("train", help="search a sparsity schedule and train a router; write a checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name or model folder")
+    p.add_argument("--sparsity", type=float, required=True, help="overall target: mean per-block prompt sparsity")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--decode-sparsity", type=float, default=None,
+                   help="overall decode-token sparsity (default: the prompt schedule)")
+    for name, help_ in [
+        ("steps", "router training steps"), ("seed", "seed of data order, search and initialisation"),
+        ("lr", "router learning rate"), ("chunk_len", "tokens per text chunk"),
+        ("context", "routed prompt tokens of a scored chunk; the rest is the continuation"),
+        ("search_chunks", "calibration chunks scored by the schedule search"),
+        ("calib_chunks", "calibration chunks for router inputs and thresholds"),
+        ("train_chunks", "calibration chunks for training"), ("eval_chunks", "held-out evaluation chunks"),
+        ("population", "schedules per generation"), ("generations", "generations with the static router"),
+        ("router_generations", "generations with the trained router"),
+        ("upper", "largest sparsity of one block"), ("step", "sparsity resolution of the search"),
+    ]:
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{help_} ({default})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny_model)
+
+    _add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
-    except ModelError as e:
+    except (ModelError, CheckpointError) as e:
         print(f"ftp-vllm: error: {e}", file=sys.stderr)
         return 2
     return 0

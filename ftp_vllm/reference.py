@@ -104,6 +104,7 @@ class RoutedModel(nn.Module):
         mode: str = "threshold",
         temperature: float = 1.0,
         return_hidden: bool = False,
+        logits_at: Tensor | None = None,
     ) -> RoutedOutput:
         """Run packed requests `input_ids` [T] split by `cu_seqlens` [R+1].
 
@@ -113,6 +114,8 @@ class RoutedModel(nn.Module):
         at the block's sparsity), "calibrate" (set this pass's thresholds to hit the targets
         exactly, block after block, then apply them), "train" (straight-through soft gate
         at p > 0.5 with `temperature`).  No keep and no router: dense.
+        logits_at: token indices whose logits to compute (the LM head over a 49k vocabulary
+        costs as much as several blocks); default all.
         """
         tok = _Tokens.of(cu_seqlens, prompt_lens)
         positions = tok.positions
@@ -144,7 +147,7 @@ class RoutedModel(nn.Module):
             logits_all.append(router_logits)
             probs.append(hard.float() if prob is None else prob)
         hidden.append(h)
-        logits = self.hf.lm_head(self.hf.model.norm(h))
+        logits = self.hf.lm_head(self.hf.model.norm(h if logits_at is None else h[logits_at]))
         hidden = hidden if return_hidden else None
         return RoutedOutput(logits, torch.stack(keeps), torch.stack(logits_all), torch.stack(probs), routed, hidden)
 
@@ -194,7 +197,7 @@ class _Tokens:
 def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Tensor, cu_seqlens: Tensor) -> None:
     """Set the router's mean queries and feature statistics from a dense pass over calibration
     text.  Position 0 is left out: it is always kept and, as the attention sink, an outlier."""
-    out = model(input_ids, cu_seqlens, return_hidden=True)
+    out = model(input_ids, cu_seqlens, return_hidden=True, logits_at=input_ids.new_zeros(0))
     positions = R.local_index(cu_seqlens)
     later = positions > 0
     for b in range(model.num_blocks):
@@ -207,11 +210,16 @@ def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Ten
 
 @torch.no_grad()
 def calibrate_router_thresholds(
-    model: RoutedModel, router: R.Router, input_ids: Tensor, cu_seqlens: Tensor, prompt_lens: Tensor | None = None
+    model: RoutedModel,
+    router: R.Router,
+    input_ids: Tensor,
+    cu_seqlens: Tensor,
+    prompt_lens: Tensor | None = None,
+    logits_at: Tensor | None = None,
 ) -> RoutedOutput:
     """Set prompt (and, with continuations, decode) thresholds block by block on the routed pass
     itself, so each block's realised sparsity on this text equals its target."""
-    return model(input_ids, cu_seqlens, prompt_lens, router=router, mode="calibrate")
+    return model(input_ids, cu_seqlens, prompt_lens, router=router, mode="calibrate", logits_at=logits_at)
 
 
 @torch.no_grad()

@@ -15,29 +15,39 @@ from .router import Router
 def train_router(
     model: RoutedModel,
     router: Router,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     steps: int,
     lr: float = 1e-3,
     temperature: float = 1.0,
     guide_decay: float = 0.5,
     weights=(1.0, 1.0, 1.0),
+    progress: bool = False,
 ) -> list[dict[str, float]]:
-    """Train `router.mlp` on (input_ids, cu_seqlens) batches (cycled) for `steps` steps; the guide
-    weight reaches zero after `guide_decay` of them.  Returns the per-step losses."""
+    """Train `router.mlp` on (input_ids, cu_seqlens[, distill_at]) batches (cycled) for `steps`
+    steps; the guide weight reaches zero after `guide_decay` of them.  `distill_at` (token
+    indices) limits distillation to the tokens whose outputs serving uses, and saves the LM
+    head elsewhere; the dense logits of each batch are computed once.  Returns per-step losses."""
+    from tqdm.auto import tqdm
+
     optimiser = torch.optim.AdamW(router.mlp.parameters(), lr=lr)
     targets = router.sparsity.clone()
-    batches = list(batches)
+    batches = [(*b, None)[:3] for b in batches]
+    dense_cache: dict[int, Tensor] = {}
     history = []
-    for step in range(steps):
-        input_ids, cu_seqlens = batches[step % len(batches)]
-        with torch.no_grad():
-            dense_logits = model(input_ids, cu_seqlens).logits
+    bar = tqdm(range(steps), desc="router training", disable=not progress, leave=False)
+    for step in bar:
+        i = step % len(batches)
+        input_ids, cu_seqlens, distill_at = batches[i]
+        if i not in dense_cache:
+            with torch.no_grad():
+                dense_cache[i] = model(input_ids, cu_seqlens, logits_at=distill_at).logits
         teacher = static_keep(cu_seqlens, targets.tolist())
-        out = model(input_ids, cu_seqlens, router=router, mode="train", temperature=temperature)
+        out = model(input_ids, cu_seqlens, router=router, mode="train", temperature=temperature, logits_at=distill_at)
         guide_scale = guide_weight(step, int(guide_decay * steps))
-        total, parts = ftp_loss(out, dense_logits, teacher, targets, guide_scale, weights)
+        total, parts = ftp_loss(out, dense_cache[i], teacher, targets, guide_scale, weights)
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
         history.append({"total": total.item(), **{k: v.item() for k, v in parts.items()}})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
     return history

@@ -1,0 +1,236 @@
+"""`ftp-vllm train`: from a base model to a router checkpoint.
+
+1. schedule search with the static router (the router does not exist yet);
+2. router inputs calibrated on a dense pass (mean queries, feature statistics);
+3. router training with the three losses, distillation on the second half of
+   each chunk (outputs a served request uses are late ones);
+4. thresholds calibrated so each block's realised prompt and decode sparsity
+   equal the schedule on calibration text;
+5. the schedule searched again with the trained router (fine-tuning the first
+   one, which seeds it), thresholds recalibrated;
+6. realised sparsities and continuation quality measured on held-out
+   evaluation text, then the checkpoint is written.
+
+Decode tokens may get a lower overall sparsity than prompts (`decode_sparsity`;
+routing a continuation costs more quality); the checkpoint then declares both
+targets, each as realised on calibration text.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .model_store import resolve_model
+from .reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, static_keep
+from .schedule import (
+    ContinuationBatch, continuation_logprobs, genetic_search, kl_and_nll, router_fitness, scaled_schedule,
+    static_fitness,
+)
+from .texts import python_version, token_chunks
+
+
+@dataclass
+class TrainSettings:
+    model: str
+    sparsity: float
+    out: str
+    decode_sparsity: float | None = None  # None: decode follows the prompt schedule
+    steps: int = 48
+    seed: int = 0
+    lr: float = 5e-3
+    temperature: float = 1.0
+    guide_decay: float = 0.5
+    chunk_len: int = 256
+    context: int = 224  # prompt part of an evaluation chunk; the rest is the scored continuation
+    search_chunks: int = 2
+    calib_chunks: int = 16
+    train_chunks: int = 48
+    eval_chunks: int = 8
+    population: int = 8
+    generations: int = 5
+    router_generations: int = 4
+    upper: float = 0.8
+    step: float = 0.01
+    progress: bool = True
+
+
+def _stage(log: dict, name: str, start: float) -> float:
+    now = time.perf_counter()
+    log[name] = round(now - start, 1)
+    return now
+
+
+def realised(keep: torch.Tensor, is_prompt: torch.Tensor) -> dict:
+    """Per-block and mean share of prompt and decode token-block computations skipped."""
+    out = {}
+    for kind, mask in (("prompt", is_prompt), ("decode", ~is_prompt)):
+        per_block = (1 - keep[:, mask].float().mean(-1)).tolist() if mask.any() else []
+        out[kind] = {"per_block": [round(x, 4) for x in per_block],
+                     "mean": round(sum(per_block) / len(per_block), 4) if per_block else None}
+    return out
+
+
+def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict]:
+    """Run the whole pipeline; returns the checkpoint folder and its config."""
+    from transformers import AutoTokenizer
+
+    from .train import train_router
+
+    s = settings
+    t0 = start = time.perf_counter()
+    stages: dict[str, float] = {}
+    torch.manual_seed(s.seed)
+    folder = resolve_model(s.model)
+    model = RoutedModel.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    B = model.num_blocks
+    cal = token_chunks(tokenizer, "calibration", s.chunk_len, s.search_chunks + s.calib_chunks + s.train_chunks, s.seed)
+    search_text = ContinuationBatch.of(cal[: s.search_chunks], s.context)
+    calib_text = ContinuationBatch.of(cal[s.search_chunks: s.search_chunks + s.calib_chunks], s.context)
+    train_text = cal[s.search_chunks + s.calib_chunks:]
+    eval_text = ContinuationBatch.of(token_chunks(tokenizer, "evaluation", s.chunk_len, s.eval_chunks, s.seed), s.context)
+    decode_of = (lambda sched: list(sched)) if s.decode_sparsity is None else (lambda sched: scaled_schedule(sched, s.decode_sparsity))
+    search_args = dict(upper=s.upper, step=s.step, population=s.population, seed=s.seed, progress=s.progress)
+    start = _stage(stages, "load", start)
+
+    static = genetic_search(static_fitness(model, search_text), B, s.sparsity, generations=s.generations,
+                            desc="schedule search (static router)", **search_args)
+    start = _stage(stages, "static_search", start)
+
+    router = model.new_router()
+    router.set_schedule(static.schedule, decode_of(static.schedule))
+    calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
+    start = _stage(stages, "input_calibration", start)
+
+    half = torch.arange(s.chunk_len // 2, s.chunk_len)
+    batches = [(chunk, torch.tensor([0, s.chunk_len]), half) for chunk in train_text]
+    history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
+                           guide_decay=s.guide_decay, progress=s.progress)
+    start = _stage(stages, "training", start)
+
+    tuned = genetic_search(router_fitness(model, router, search_text, decode_of), B, s.sparsity,
+                           generations=s.router_generations, initial=[static.schedule],
+                           desc="schedule search (trained router)", **{**search_args, "seed": s.seed + 1})
+    router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
+    none = calib_text.input_ids.new_zeros(0)
+    calib_out = calibrate_router_thresholds(model, router, calib_text.input_ids, calib_text.cu_seqlens,
+                                            calib_text.prompt_lens, logits_at=none)
+    start = _stage(stages, "router_search_and_thresholds", start)
+
+    quality, eval_keep = evaluate(model, router, eval_text)
+    start = _stage(stages, "evaluation", start)
+
+    is_prompt_cal = _is_prompt(calib_text)
+    config = {
+        "base_model": {"name": s.model if "/" not in s.model else Path(folder).name, **fingerprint(folder)},
+        "target_sparsity": round(sum(tuned.schedule) / B, 6),
+        "decode_target_sparsity": round(sum(decode_of(tuned.schedule)) / B, 6),
+        "target_note": "mean over blocks of the share of token-block computations skipped; prompt "
+                       "tokens and decode tokens each have a per-block schedule",
+        "max_position": router.max_position,
+        "feature_normalisation": {"features": ["position", "attention score", "rank", "sparsity"],
+                                  "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
+        "realised_sparsity": {
+            "calibration_text (thresholds fitted here)": realised(calib_out.keep, is_prompt_cal),
+            "evaluation_text (held out)": realised(eval_keep, _is_prompt(eval_text)),
+        },
+        "quality": quality,
+        "search": {
+            "fitness": f"mean KL(dense || pruned) over the {s.chunk_len - s.context} continuation tokens of "
+                       f"{s.search_chunks} calibration chunks after a {s.context}-token routed prompt",
+            "static_router": {"schedule": static.schedule, "fitness": static.fitness,
+                              "uniform_fitness": static.uniform_fitness, "evaluations": static.evaluations},
+            "trained_router": {"schedule": tuned.schedule, "fitness": tuned.fitness,
+                               "uniform_fitness": tuned.uniform_fitness, "evaluations": tuned.evaluations},
+        },
+        "training": {
+            "command": command,
+            "settings": {k: v for k, v in asdict(s).items() if k != "progress"},
+            "data": {"calibration": "docstrings of standard-library modules (ftp_vllm.texts)",
+                     "evaluation": "pydoc_data.topics, CPython's language reference (held out)",
+                     "python": python_version(),
+                     "chunks": {"search": s.search_chunks, "threshold_calibration": s.calib_chunks,
+                                "training": len(train_text), "evaluation": s.eval_chunks,
+                                "tokens_per_chunk": s.chunk_len}},
+            "loss": loss_summary(history),
+            "wall_time_s": round(time.perf_counter() - t0, 1),
+            "stage_wall_time_s": stages,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        },
+    }
+    out = save_checkpoint(s.out, router, config)
+    return out, load_checkpoint(out)[1]
+
+
+def _is_prompt(batch: ContinuationBatch) -> torch.Tensor:
+    from .router import local_index, request_ids
+
+    return local_index(batch.cu_seqlens) < batch.prompt_lens[request_ids(batch.cu_seqlens)]
+
+
+def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict, torch.Tensor]:
+    """Continuation KL and perplexity ratio to dense of the router (prompt and decode routed, then
+    decode kept dense) and of the static router at the same prompt schedule; the router's keep."""
+    dense = continuation_logprobs(model, batch)
+    dense_nll = kl_and_nll(dense, dense, batch.targets)[1]
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, router=router, logits_at=batch.scored)
+    results = {"routed": torch.log_softmax(out.logits.float(), -1)}
+    prompt_schedule, decode_schedule = router.sparsity.tolist(), router.decode_sparsity.tolist()
+    router.set_schedule(prompt_schedule, [0.0] * len(prompt_schedule))
+    results["routed, decode dense"] = continuation_logprobs(model, batch, router=router)
+    router.set_schedule(prompt_schedule, decode_schedule)
+    keep = static_keep(batch.cu_seqlens, prompt_schedule, batch.prompt_lens)
+    results["static router, decode dense"] = continuation_logprobs(model, batch, keep=keep)
+    quality = {
+        "text": f"held-out evaluation text, {len(batch.prompt_lens)} chunks: {int(batch.prompt_lens[0])}-token "
+                f"routed prompt, then {len(batch.targets) // len(batch.prompt_lens)} continuation tokens scored",
+        "dense_continuation_ppl": round(float(torch.tensor(dense_nll).exp()), 3),
+    }
+    for name, logprobs in results.items():
+        kl, nll = kl_and_nll(logprobs, dense, batch.targets)
+        quality[name] = {"continuation_kl": round(kl, 4), "ppl_ratio_to_dense": round(float(torch.tensor(nll - dense_nll).exp()), 4)}
+    return quality, out.keep
+
+
+def loss_summary(history: list[dict]) -> dict:
+    """Each loss averaged over the first and last tenth of training."""
+    if not history:
+        return {}
+    k = max(1, len(history) // 10)
+    mean = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 4)  # noqa: E731
+    return {key: {"first": mean(history[:k], key), "last": mean(history[-k:], key)} for key in history[0]}
+
+
+def format_summary(folder: Path, config: dict) -> str:
+    cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
+    ev = config["realised_sparsity"]["evaluation_text (held out)"]
+    sched = config["schedule"]
+    fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    lines = [
+        f"router checkpoint: {folder}",
+        f"base model: {config['base_model']['name']} ({config['base_model']['num_layers']} blocks)",
+        f"target sparsity: prompt {config['target_sparsity']}, decode {config['decode_target_sparsity']}",
+        f"prompt schedule: {fmt(sched['prompt_sparsity'])}",
+        f"decode schedule: {fmt(sched['decode_sparsity'])}",
+        f"realised on calibration text: prompt {cal['prompt']['mean']}, decode {cal['decode']['mean']}",
+        f"realised on held-out text:    prompt {ev['prompt']['mean']}, decode {ev['decode']['mean']}",
+        "training loss (first -> last tenth): " + ", ".join(
+            f"{k} {v['first']} -> {v['last']}" for k, v in config["training"]["loss"].items()),
+        "schedule search fitness (calibration KL): static "
+        f"{config['search']['static_router']['fitness']:.4f} (uniform {config['search']['static_router']['uniform_fitness']:.4f}), "
+        f"trained router {config['search']['trained_router']['fitness']:.4f} "
+        f"(uniform {config['search']['trained_router']['uniform_fitness']:.4f})",
+        f"{config['quality']['text']}; dense ppl {config['quality']['dense_continuation_ppl']}",
+    ]
+    for name, q in config["quality"].items():
+        if isinstance(q, dict):
+            lines.append(f"  {name:<28} KL {q['continuation_kl']:.4f}  ppl ratio {q['ppl_ratio_to_dense']:.3f}")
+    lines.append(f"wall time: {config['training']['wall_time_s']} s {config['training']['stage_wall_time_s']}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from ftp_vllm.checkpoint import (
+    CONFIG_FILE, ROUTER_FILE, CheckpointError, check_compatible, fingerprint, load_checkpoint, resolve_router,
+    save_checkpoint,
+)
+
+from .conftest import calibrated_router
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_llama, tiny_llama_ref):
+    router, *_ = calibrated_router(tiny_llama_ref, [0.0, 0.3, 0.5, 0.0], decode_sparsity=[0.0, 0.2, 0.4, 0.0])
+    router.threshold_prompt[0], router.threshold_prompt[3] = float("-inf"), float("inf")  # both occur in real ones
+    folder = save_checkpoint(tmp_path / "ckpt", router, {"base_model": fingerprint(tiny_llama), "note": "test"})
+    return folder, router
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config.update(changes)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_round_trip_with_infinite_thresholds(saved, tiny_llama):
+    folder, router = saved
+    loaded, config = load_checkpoint(folder)
+    for key, value in router.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.threshold_prompt[0] == float("-inf") and loaded.threshold_prompt[3] == float("inf")
+    assert loaded.is_dense(0) and not loaded.is_dense(1) and loaded.max_position == router.max_position
+    assert config["note"] == "test" and config["schedule"]["threshold_prompt"][3] == "inf"
+    check_compatible(config, tiny_llama)
+
+
+def test_fingerprint_is_deterministic_and_sees_weights(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    assert fingerprint(tiny_llama) == fingerprint(tiny_llama)
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    state = load_file(str(copy / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0  # a sampled element: the first of the tensor
+    save_file(state, str(copy / "model.safetensors"))
+    assert fingerprint(copy)["weights_sha256"] != fingerprint(tiny_llama)["weights_sha256"]
+
+
+def test_other_base_model_named(saved, tiny_qwen2):
+    folder, _ = saved
+    _, config = load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="architecture: router 'LlamaForCausalLM', model 'Qwen2ForCausalLM'.*weights_sha256"):
+        check_compatible(config, tiny_qwen2)
+
+
+def test_missing_folder_and_files(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no shipped router named 'nosuch-router'"):
+        load_checkpoint("nosuch-router")
+    folder, _ = saved
+    (folder / ROUTER_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {ROUTER_FILE}"):
+        load_checkpoint(folder)
+
+
+def test_unreadable_json_and_schema(saved):
+    folder, _ = saved
+    edit_config(folder, schema_version=99)
+    with pytest.raises(CheckpointError, match="schema version 99"):
+        load_checkpoint(folder)
+    (folder / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE}: unreadable JSON"):
+        load_checkpoint(folder)
+
+
+def test_wrong_layer_count_and_shapes(saved):
+    folder, _ = saved
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    edit_config(folder, base_model={**config["base_model"], "num_layers": 30})
+    with pytest.raises(CheckpointError, match="4 blocks, its base model 30 layers"):
+        load_checkpoint(folder)
+    edit_config(folder, base_model=config["base_model"], router={**config["router"], "hidden": 32})
+    with pytest.raises(CheckpointError, match=r"wrong tensors \(mlp.fc1.weight: \[64, 4\], expected \[32, 4\]"):
+        load_checkpoint(folder)
+
+
+def test_non_finite_mlp_weights_rejected(saved):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved
+    state = load_file(str(folder / ROUTER_FILE))
+    state["mlp.fc2.bias"][0] = float("nan")
+    save_file(state, str(folder / ROUTER_FILE))
+    with pytest.raises(CheckpointError, match="non-finite values in mlp.fc2.bias"):
+        load_checkpoint(folder)
+    (folder / ROUTER_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(folder)
+
+
+def test_resolve_router_paths(saved):
+    folder, _ = saved
+    assert resolve_router(str(folder)) == folder
