@@ -1,5 +1,6 @@
 """`make serve`'s launcher on the real model: OpenAI clients, curl as the README writes it, clean shutdown."""
 
+import json
 import os
 import re
 import shlex
@@ -85,3 +86,75 @@ def test_sigterm_stops_server_and_engine(server):
     assert proc.wait(timeout=120) is not None
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
+SHIPPED_ROUTER = "smollm2-135m-instruct-s30"
+
+
+@pytest.fixture(scope="module")
+def routed_server(real_model, tmp_path_factory):
+    """`vllm serve` itself, as a user types it, with the shipped 30% router."""
+    port = free_port()
+    folder = tmp_path_factory.mktemp("routed-serve")
+    stats = folder / "stats.json"
+    log = (folder / "server.log").open("w+")
+    env = {**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "vllm"), "serve", "smollm2-135m-instruct", "--ftp-router", SHIPPED_ROUTER,
+         "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(1 << 30)],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    import urllib.request
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(2)
+    log.seek(0)
+    assert proc.poll() is None, log.read()[-4000:]
+    yield {"port": port, "stats": stats, "log": log}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
+    from openai import OpenAI
+
+    from ftp_vllm.checkpoint import load_checkpoint
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{routed_server['port']}/v1", api_key="unused")
+    done = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
+                                     max_tokens=8, temperature=0)
+    assert done.choices[0].text.strip()
+    chat = client.chat.completions.create(
+        model="smollm2-135m-instruct", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert chat.choices[0].message.content.strip()
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct", temperature=0, max_tokens=24, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+
+    # A prompt-heavy run on held-out text: the realised prompt sparsity the server
+    # logs is within 1 point of the router's target.
+    from ftp_vllm import texts
+
+    _, config = load_checkpoint(SHIPPED_ROUTER)
+    prompts = [" ".join(doc.split()[:380]) for doc in texts.documents("evaluation") if len(doc.split()) >= 380][:16]
+    assert len(prompts) == 16
+    client.completions.create(model="smollm2-135m-instruct", prompt=prompts, max_tokens=1, temperature=0)
+    time.sleep(3)  # the counters are written every second
+    stats = json.loads(Path(routed_server["stats"]).read_text())
+    assert stats["prompt_tokens"] > 16 * 300
+    assert abs(stats["prompt_sparsity"] - config["target_sparsity"]) <= 0.01, stats["prompt_sparsity"]
+    assert "FTP realised sparsity" in Path(routed_server["log"].name).read_text()
