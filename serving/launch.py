@@ -1,9 +1,11 @@
 """Start `vllm serve` on an FTP model with settings that suit this machine.
 
-    python serving/launch.py [--model NAME_OR_FOLDER] [--host H] [--port P] [any vllm serve flag ...]
+    python serving/launch.py [--model NAME_OR_FOLDER] [--ftp-router NAME_OR_FOLDER | --no-router]
+                             [--host H] [--port P] [any vllm serve flag ...]
 
-A known model name is prepared on first use; the folder's architecture is
-switched to its FTP class; on a machine without a GPU the engine gets its
+A known model name is prepared on first use and served with its shipped 30%
+router unless told otherwise; the folder's architecture is switched to its FTP
+class; on a machine without a GPU the engine gets its
 threads bound and a KV cache sized from free memory.  The launcher waits until
 `/health` answers, prints the URL and a ready-to-paste request, and passes
 Ctrl-C / SIGTERM on to the server so that no engine process is left behind.
@@ -52,7 +54,15 @@ def has_flag(args: list[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
-def vllm_command(model_arg: str, host: str, port: int, extra: list[str]) -> tuple[list[str], dict]:
+def default_router(model_arg: str) -> str | None:
+    """The shipped 30% router of a known model, if there is one."""
+    from ftp_vllm.checkpoint import SHIPPED
+
+    name = f"{model_arg}-s30"
+    return name if model_arg in KNOWN_MODELS and (SHIPPED / name).is_dir() else None
+
+
+def vllm_command(model_arg: str, router: str | None, host: str, port: int, extra: list[str]) -> tuple[list[str], dict]:
     folder = resolve_model(model_arg)
     cmd = [
         shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm",
@@ -60,8 +70,11 @@ def vllm_command(model_arg: str, host: str, port: int, extra: list[str]) -> tupl
         folder,
         "--host", host,
         "--port", str(port),
-        "--hf-overrides", json.dumps({"architectures": [ftp_architecture(folder)]}),
     ]
+    if router:  # vLLM's own --ftp-router (added by the plugin) checks it and switches the class
+        cmd += ["--ftp-router", router]
+    else:
+        cmd += ["--hf-overrides", json.dumps({"architectures": [ftp_architecture(folder)]})]
     if model_arg in KNOWN_MODELS and not has_flag(extra, "--served-model-name"):
         cmd += ["--served-model-name", model_arg]
     env = dict(os.environ)
@@ -88,12 +101,16 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a known model name or a model folder")
+    parser.add_argument("--ftp-router", default=None,
+                        help="router checkpoint folder or shipped name (default: the model's shipped 30%% router)")
+    parser.add_argument("--no-router", action="store_true", help="serve the FTP class without a router (dense)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you choose otherwise)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for /health")
     args, extra = parser.parse_known_args(argv)
     try:
-        cmd, env = vllm_command(args.model, args.host, args.port, extra)
+        router = None if args.no_router else (args.ftp_router or default_router(args.model))
+        cmd, env = vllm_command(args.model, router, args.host, args.port, extra)
     except (ModelError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
