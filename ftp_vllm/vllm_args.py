@@ -48,6 +48,7 @@ def routing_overrides(model: str, router: str, hf_overrides: dict | None = None)
 def apply_ftp_args(args: argparse.Namespace) -> None:
     """Resolve a known model name to its folder, and `--ftp-router` to overrides."""
     from ftp_vllm.model_store import KNOWN_MODELS, ModelError, resolve_model
+    from ftp_vllm.server_routes import install_server_routes
 
     model = getattr(args, "model", None)
     router = getattr(args, "ftp_router", None)
@@ -60,6 +61,7 @@ def apply_ftp_args(args: argparse.Namespace) -> None:
             overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
             args.hf_overrides = routing_overrides(args.model, router, overrides)
             args.enforce_eager = True
+            install_server_routes(args, args.hf_overrides["ftp_router"])
     except (ModelError, ValueError, OSError) as e:
         raise SystemExit(f"ftp-vllm: error: {e}") from None
 

@@ -158,3 +158,22 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     assert stats["prompt_tokens"] > 16 * 300
     assert abs(stats["prompt_sparsity"] - config["target_sparsity"]) <= 0.01, stats["prompt_sparsity"]
     assert "FTP realised sparsity" in Path(routed_server["log"].name).read_text()
+
+
+def test_ftp_endpoints_and_metrics(routed_server):
+    import requests
+
+    base = f"http://127.0.0.1:{routed_server['port']}"
+    requests.post(f"{base}/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hello there",
+                                                  "max_tokens": 4}, timeout=120).raise_for_status()
+    time.sleep(2)
+    router = requests.get(f"{base}/ftp/router", timeout=10).json()
+    assert router["router"] == SHIPPED_ROUTER and router["base_model"]["num_layers"] == 30
+    assert len(router["prompt_sparsity_per_block"]) == 30
+    assert "/" not in json.dumps(router), "no file paths in the router description"
+    stats = requests.get(f"{base}/ftp/stats", timeout=10).json()
+    assert stats["prompt_tokens"] > 0 and len(stats["per_block"]) == 30
+    assert requests.post(f"{base}/ftp/stats", json={}, timeout=10).status_code == 405
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert "ftp_prompt_sparsity " in metrics and 'ftp_prompt_kept_tokens_total{block="5"}' in metrics
+    assert "vllm:" in metrics

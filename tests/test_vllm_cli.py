@@ -29,7 +29,14 @@ def make_router(model_folder: str, out: Path, keep_all: bool = False) -> Path:
 
 def namespace(model, router):
     return argparse.Namespace(model=model, ftp_router=router, hf_overrides=None, enforce_eager=False,
-                              served_model_name=None)
+                              served_model_name=None, middleware=[])
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """`--ftp-router` sets variables for the engine processes; keep them out of other tests."""
+    monkeypatch.setenv("FTP_VLLM_ROUTER", "")
+    monkeypatch.setenv("FTP_VLLM_STATS", str(tmp_path / "stats.json"))
 
 
 def test_router_becomes_overrides(tiny_llama, tmp_path):
@@ -38,6 +45,7 @@ def test_router_becomes_overrides(tiny_llama, tmp_path):
     apply_ftp_args(args)
     assert args.hf_overrides == {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router)}
     assert args.enforce_eager is True
+    assert args.middleware == ["ftp_vllm.server_routes.FTPRoutes"]
 
 
 def test_no_router_leaves_args_alone(tiny_llama):

@@ -113,7 +113,7 @@ class RoutingState(nn.Module):
         num_blocks = router.num_blocks
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(num_blocks, 4, dtype=torch.int64), persistent=False)
-        self._last_log = time.monotonic()
+        self._last_log = self._last_write = time.monotonic()
         self._interval = float(os.environ.get("FTP_VLLM_STATS_INTERVAL", "10"))
         self._trace_path = os.environ.get("FTP_VLLM_TRACE")
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
@@ -157,9 +157,16 @@ class RoutingState(nn.Module):
         if self._trace_path:
             self._write_trace(positions)
         now = time.monotonic()
-        if now - self._last_log >= self._interval:
-            self._last_log = now
-            self.report()
+        log_due = now - self._last_log >= self._interval
+        write_due = self._stats_path and now - self._last_write >= min(1.0, self._interval)
+        if log_due or write_due:
+            stats = self.stats()
+            if log_due:
+                self._last_log = now
+                self._log(stats)
+            if write_due:
+                self._last_write = now
+                self._write_stats(stats)
 
     def stats(self) -> dict:
         """Realised sparsity since start: the share of token-block computations skipped,
@@ -185,19 +192,21 @@ class RoutingState(nn.Module):
             ],
         }
 
-    def report(self) -> None:
-        stats = self.stats()
+    @staticmethod
+    def _log(stats: dict) -> None:
         fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         logger.info(
             "FTP realised sparsity: prompt %s of %d tokens, decode %s of %d tokens",
             fmt(stats["prompt_sparsity"]), stats["prompt_tokens"],
             fmt(stats["decode_sparsity"]), stats["decode_tokens"],
         )
-        if self._stats_path:
-            tmp = f"{self._stats_path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(stats, f)
-            os.replace(tmp, self._stats_path)
+
+    def _write_stats(self, stats: dict) -> None:
+        """For the API server (`/ftp/stats`, `/metrics`) and benchmarks, in another process."""
+        tmp = f"{self._stats_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, self._stats_path)
 
     def _write_trace(self, positions: Tensor) -> None:
         step = self.step

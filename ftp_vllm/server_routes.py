@@ -1,0 +1,110 @@
+"""What an FTP server shows beside vLLM's endpoints: `GET /ftp/router`, `GET /ftp/stats`
+and `ftp_*` Prometheus metrics on `/metrics`.
+
+The engine counts kept and skipped tokens in its own process and writes them to
+a small JSON file (`FTP_VLLM_STATS`) about once a second; the API server process
+reads that file.  Both the file and the router are chosen by `--ftp-router`
+before the engine starts (see `ftp_vllm.vllm_args`).  Nothing here writes, and
+the router description leaves out file paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STATS_ENV = "FTP_VLLM_STATS"
+ROUTER_ENV = "FTP_VLLM_ROUTER"
+
+
+def read_stats() -> dict:
+    path = os.environ.get(STATS_ENV)
+    try:
+        return json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):  # not written yet (no request so far) or being replaced
+        return {}
+
+
+def router_description() -> dict:
+    from ftp_vllm.checkpoint import load_checkpoint
+
+    path = os.environ.get(ROUTER_ENV)
+    if not path:
+        return {}
+    _, config = load_checkpoint(path)
+    schedule = config.get("schedule", {})
+    return {
+        "router": Path(path).name,
+        "base_model": {k: v for k, v in config.get("base_model", {}).items() if k != "path"},
+        "target_sparsity": config.get("target_sparsity"),
+        "decode_target_sparsity": config.get("decode_target_sparsity"),
+        "prompt_sparsity_per_block": schedule.get("prompt_sparsity"),
+        "decode_sparsity_per_block": schedule.get("decode_sparsity"),
+    }
+
+
+class FTPRoutes:
+    """ASGI middleware answering `/ftp/router` and `/ftp/stats` (GET only); the rest passes on."""
+
+    def __init__(self, app):
+        self.app = app
+        self.description = router_description()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path not in ("/ftp/router", "/ftp/stats"):
+            return await self.app(scope, receive, send)
+        if scope["method"] != "GET":
+            return await _json(send, 405, {"error": f"{path} is read-only: use GET"})
+        body = self.description if path == "/ftp/router" else read_stats()
+        await _json(send, 200, body)
+
+
+async def _json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class FTPCollector:
+    """Prometheus collector: realised sparsity and token counts, read when /metrics is scraped."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = read_stats()
+        for kind in ("prompt", "decode"):
+            gauge = GaugeMetricFamily(f"ftp_{kind}_sparsity",
+                                      f"Share of {kind} token-block computations skipped since start")
+            if stats.get(f"{kind}_sparsity") is not None:
+                gauge.add_metric([], stats[f"{kind}_sparsity"])
+            yield gauge
+            yield CounterMetricFamily(f"ftp_{kind}_tokens", f"{kind.capitalize()} tokens routed since start",
+                                      value=stats.get(f"{kind}_tokens", 0))
+            kept = CounterMetricFamily(f"ftp_{kind}_kept_tokens", f"{kind.capitalize()} tokens kept, per block",
+                                       labels=["block"])
+            for row in stats.get("per_block", []):  # dense blocks keep every token
+                kept.add_metric([str(row["block"])], row[f"{kind}_kept"] if row["routed"] else stats[f"{kind}_tokens"])
+            yield kept
+        target = GaugeMetricFamily("ftp_target_sparsity", "The router's declared overall target sparsity")
+        if stats.get("target_sparsity") is not None:
+            target.add_metric([], stats["target_sparsity"])
+        yield target
+
+
+def install_server_routes(args, router_path: str) -> None:
+    """Called with `vllm serve`'s arguments once `--ftp-router` is known to be good, before
+    the engine starts (its processes inherit the environment)."""
+    import tempfile
+
+    from prometheus_client import REGISTRY
+
+    os.environ[ROUTER_ENV] = router_path
+    os.environ.setdefault(STATS_ENV, os.path.join(tempfile.mkdtemp(prefix="ftp-vllm-"), "stats.json"))
+    if hasattr(args, "middleware"):
+        args.middleware = [*(args.middleware or []), f"{__name__}.FTPRoutes"]
+    if not getattr(REGISTRY, "_ftp_collector", False):
+        REGISTRY.register(FTPCollector())
+        REGISTRY._ftp_collector = True
