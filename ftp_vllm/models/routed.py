@@ -39,7 +39,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from ftp_vllm.router import local_index, request_ids
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
 
 
 class _StepPrompts:
