@@ -2,8 +2,9 @@
 
 1. schedule search with the static router (the router does not exist yet);
 2. router inputs calibrated on a dense pass (mean queries, feature statistics);
-3. router training with the three losses, distillation on the second half of
-   each chunk (outputs a served request uses are late ones);
+3. router training with the three losses, each chunk served as in evaluation (a
+   routed prompt, then a continuation under the decode schedule), distilling
+   the outputs a served request uses: the continuation's next-token predictions;
 4. thresholds calibrated so each block's realised prompt and decode sparsity
    equal the schedule on calibration text;
 5. the schedule searched again with the trained router (fine-tuning the first
@@ -108,8 +109,8 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
     start = _stage(stages, "input_calibration", start)
 
-    half = torch.arange(s.chunk_len // 2, s.chunk_len)
-    batches = [(chunk, torch.tensor([0, s.chunk_len]), half) for chunk in train_text]
+    batches = [(b.input_ids, b.cu_seqlens, b.scored, b.prompt_lens)
+               for b in (ContinuationBatch.of(chunk[None], s.context) for chunk in train_text)]
     history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
                            guide_decay=s.guide_decay, progress=s.progress)
     start = _stage(stages, "training", start)

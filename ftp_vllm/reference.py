@@ -153,8 +153,13 @@ class RoutedModel(nn.Module):
 
     @staticmethod
     def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "_Tokens"):
-        if mode == "train":
-            return R.soft_gate(logits, tok.always, 0.0, temperature)
+        if mode == "train":  # as in serving, a kind of token (prompt, decode) with target 0 is always kept
+            always = tok.always
+            if router.sparsity[b].item() == 0:
+                always = always | tok.is_prompt
+            if router.decode_sparsity[b].item() == 0:
+                always = always | ~tok.is_prompt
+            return R.soft_gate(logits, always, 0.0, temperature)
         if mode == "calibrate":
             p, d = tok.is_prompt, ~tok.is_prompt
             prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()

@@ -23,26 +23,28 @@ def train_router(
     weights=(1.0, 1.0, 1.0),
     progress: bool = False,
 ) -> list[dict[str, float]]:
-    """Train `router.mlp` on (input_ids, cu_seqlens[, distill_at]) batches (cycled) for `steps`
-    steps; the guide weight reaches zero after `guide_decay` of them.  `distill_at` (token
-    indices) limits distillation to the tokens whose outputs serving uses, and saves the LM
-    head elsewhere; the dense logits of each batch are computed once.  Returns per-step losses."""
+    """Train `router.mlp` on (input_ids, cu_seqlens[, distill_at[, prompt_lens]]) batches (cycled)
+    for `steps` steps; the guide weight reaches zero after `guide_decay` of them.  `distill_at`
+    (token indices) limits distillation to the tokens whose outputs serving uses, and saves the
+    LM head elsewhere; with `prompt_lens` the rest of each request is a continuation, routed by
+    the decode schedule.  The dense logits of each batch are computed once.  Returns per-step losses."""
     from tqdm.auto import tqdm
 
     optimiser = torch.optim.AdamW(router.mlp.parameters(), lr=lr)
     targets = router.sparsity.clone()
-    batches = [(*b, None)[:3] for b in batches]
+    batches = [(*b, None, None)[:4] for b in batches]
     dense_cache: dict[int, Tensor] = {}
     history = []
     bar = tqdm(range(steps), desc="router training", disable=not progress, leave=False)
     for step in bar:
         i = step % len(batches)
-        input_ids, cu_seqlens, distill_at = batches[i]
+        input_ids, cu_seqlens, distill_at, prompt_lens = batches[i]
         if i not in dense_cache:
             with torch.no_grad():
                 dense_cache[i] = model(input_ids, cu_seqlens, logits_at=distill_at).logits
-        teacher = static_keep(cu_seqlens, targets.tolist())
-        out = model(input_ids, cu_seqlens, router=router, mode="train", temperature=temperature, logits_at=distill_at)
+        teacher = static_keep(cu_seqlens, targets.tolist(), prompt_lens)
+        out = model(input_ids, cu_seqlens, prompt_lens, router=router, mode="train", temperature=temperature,
+                    logits_at=distill_at)
         guide_scale = guide_weight(step, int(guide_decay * steps))
         total, parts = ftp_loss(out, dense_cache[i], teacher, targets, guide_scale, weights)
         optimiser.zero_grad()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ftp_vllm.checkpoint import (
-    CONFIG_FILE, ROUTER_FILE, CheckpointError, check_compatible, fingerprint, load_checkpoint, resolve_router,
+    CONFIG_FILE, ROUTER_FILE, SHIPPED, CheckpointError, check_compatible, fingerprint, load_checkpoint, resolve_router,
     save_checkpoint,
 )
 
@@ -104,3 +104,21 @@ def test_non_finite_mlp_weights_rejected(saved):
 def test_resolve_router_paths(saved):
     folder, _ = saved
     assert resolve_router(str(folder)) == folder
+
+
+SHIPPED_ROUTERS = sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
+
+
+@pytest.mark.parametrize("name", SHIPPED_ROUTERS)
+def test_shipped_routers_load_and_declare_what_they_realise(name):
+    from ftp_vllm.model_store import model_dir
+
+    router, config = load_checkpoint(name)
+    assert abs(router.sparsity.mean().item() - config["target_sparsity"]) < 1e-6
+    assert abs(router.decode_sparsity.mean().item() - config["decode_target_sparsity"]) < 1e-6
+    realised = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
+    assert abs(realised["prompt"]["mean"] - config["target_sparsity"]) < 0.01
+    assert config["training"]["command"].startswith("ftp-vllm train") and config["training"]["wall_time_s"] > 0
+    folder = model_dir(config["base_model"]["name"])
+    if folder.is_dir():
+        check_compatible(config, folder)

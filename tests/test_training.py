@@ -69,3 +69,12 @@ def test_train_router_runs_all_losses(tiny_llama_ref):
     router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(24, 24))
     history = train_router(tiny_llama_ref, router, [packed_batch([24, 24], seed=5)], steps=3)
     assert len(history) == 3 and history[-1]["guide"] >= 0 and all(torch.isfinite(torch.tensor(h["total"])) for h in history)
+
+
+def test_train_mode_keeps_tokens_of_a_kind_with_zero_target(tiny_llama_ref):
+    router, ids, cu = routed_with_bias(tiny_llama_ref, -20.0)  # would skip every free token
+    router.set_schedule(TARGETS, [0.0] * len(TARGETS))
+    prompt_lens = torch.tensor([16, 16])
+    out = tiny_llama_ref(ids, cu, prompt_lens, router=router, mode="train")
+    continuation = torch.cat([torch.arange(16, 24), torch.arange(40, 48)])
+    assert out.keep[:, continuation].all() and not out.keep[1, 1:15].any()
