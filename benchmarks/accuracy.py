@@ -34,6 +34,8 @@ branch off it (`branch_logprobs`: identical to one pass per candidate), (2)
 contexts are the last 32 tokens before the true sentence and candidates the
 first 12 tokens of each sentence (~80 tokens per item instead of ~4 x 90),
 (3) the dense model's outputs are computed once and reused for KL and top-1.
+On a machine whose cores other jobs share, `--threads 1` ran 2-3x faster than
+two threads (spinning thread pools lose their time slices).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-chunks", type=int, default=8, help="256-token calibration chunks for Block Influence")
     p.add_argument("--batch-items", type=int, default=32, help="cloze items per forward")
     p.add_argument("--batch-chunks", type=int, default=4, help="continuation chunks per forward")
+    p.add_argument("--threads", type=int, help="torch threads (on a machine shared with other jobs, 1 is often faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="retention-vs-sparsity plot (default: next to --json, else results/accuracy.png)")
@@ -161,9 +164,9 @@ def run(args) -> dict:
         bar.set_description(f"{method.method} {method.router_name or method.info.get('matched_sparsity', '')}")
         counter, sums = SkipCounter(), ContinuationSums()
         for i, batch in enumerate(chunk_batches):
-            dense = dense_cont[i] if dense_cont else None
-            cont = continuation_pass(model, method, batch, args.context, dense, counter, sums)
-            if method.method == "dense":
+            is_dense = method.method == "dense"  # first: its outputs are every other method's reference
+            cont = continuation_pass(model, method, batch, args.context, None if is_dense else dense_cont[i], counter, sums)
+            if is_dense:
                 dense_cont.append(cont)
             bar.update(1)
         scores = []
@@ -273,6 +276,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.argv = argv
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args)
     print(format_table(report["results"]))
     print(f"wall time: {report['setup']['wall_time_s']} s")

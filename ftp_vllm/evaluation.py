@@ -198,8 +198,8 @@ def cloze_items(tokenizer, documents: Sequence[str], n: int, seed: int = 0, cont
     """Up to `n` items, deterministic per seed.  Each takes a sentence with at least one
     sentence before it in its document: the context is the last `context_tokens` tokens of
     the sentences before it, the candidates the first `candidate_tokens` tokens of it and of
-    three sentences (never first in their document) from three other, distinct documents;
-    the true one's place among them is random."""
+    three sentences (never first in their document, never equal to the true candidate) from
+    three other, distinct documents; the true one's place among them is random."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     docs = [sentences(d) for d in documents]
     cand = [[encode(" " + s)[:candidate_tokens] for s in doc] for doc in docs]
@@ -211,11 +211,17 @@ def cloze_items(tokenizer, documents: Sequence[str], n: int, seed: int = 0, cont
     rng = random.Random(seed)
     rng.shuffle(pairs)
     items = []
-    for d, i in pairs[:n]:
+    for d, i in pairs:
+        if len(items) == n:
+            break
+        true = cand[d][i]
         others = rng.sample([x for x in donors if x != d], CHOICES - 1)
-        candidates = [cand[o][rng.choice(usable[o])] for o in others]
+        pools = [[cand[o][j] for j in usable[o] if cand[o][j] != true] for o in others]
+        if not all(pools):  # a distractor identical to the true candidate would make a tie
+            continue
+        candidates = [rng.choice(pool) for pool in pools]
         answer = rng.randrange(CHOICES)
-        candidates.insert(answer, cand[d][i])
+        candidates.insert(answer, true)
         context = encode(" ".join(docs[d][:i]))[-context_tokens:]
         items.append(ClozeItem(context, candidates, answer, d, others))
     return items

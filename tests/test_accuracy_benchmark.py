@@ -56,6 +56,8 @@ def test_cloze_items_deterministic_and_distractors_from_other_documents(tokenize
         assert len(set(item.distractor_documents)) == E.CHOICES - 1
         assert len(item.candidates) == E.CHOICES and len(item.context) <= 16
         assert all(1 <= len(c) <= 6 for c in item.candidates)
+        true = item.candidates[item.answer]
+        assert sum(c == true for c in item.candidates) == 1
     other = E.cloze_items(tokenizer, PROSE, 12, seed=4, context_tokens=16, candidate_tokens=6)
     assert [i.candidates for i in other] != [i.candidates for i in a]
 
@@ -125,7 +127,7 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     bench = load_benchmark()
     bench.main(["--model", tiny_llama, "--routers", str(tiny_router_dir), "--sparsities", "0.25", "--text", str(text),
                 "--items", "10", "--chunks", "2", "--context", "24", "--continuation", "8", "--cloze-context", "16",
-                "--cloze-candidate", "6", "--calib-chunks", "1", "--batch-items", "4", "--json", str(out), "--no-progress"])
+                "--cloze-candidate", "6", "--calib-chunks", "1", "--batch-items", "4", "--batch-chunks", "1", "--json", str(out), "--no-progress"])
     report = json.loads(out.read_text())
     rows = report["results"]
     assert out.with_suffix(".png").stat().st_size > 0
