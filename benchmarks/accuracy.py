@@ -162,19 +162,23 @@ def run(args) -> dict:
     for method in methods:
         t0 = time.perf_counter()
         bar.set_description(f"{method.method} {method.router_name or method.info.get('matched_sparsity', '')}")
-        counter, sums = SkipCounter(), ContinuationSums()
+        cont_counter, cloze_counter, sums = SkipCounter(), SkipCounter(), ContinuationSums()
         for i, batch in enumerate(chunk_batches):
             is_dense = method.method == "dense"  # first: its outputs are every other method's reference
-            cont = continuation_pass(model, method, batch, args.context, None if is_dense else dense_cont[i], counter, sums)
+            cont = continuation_pass(model, method, batch, args.context, None if is_dense else dense_cont[i],
+                                     cont_counter, sums)
             if is_dense:
                 dense_cont.append(cont)
             bar.update(1)
         scores = []
         for batch in item_batches:
-            scores.append(cloze_scores(model, method, batch, counter))
+            scores.append(cloze_scores(model, method, batch, cloze_counter))
             bar.update(1)
         correct = int((torch.cat(scores).argmax(-1) == answers).sum())
-        rows.append(result_row(method, sums.metrics(), correct, len(items), counter, time.perf_counter() - t0))
+        row = result_row(method, sums.metrics(), correct, len(items), cont_counter + cloze_counter,
+                         time.perf_counter() - t0)
+        row["sparsity_continuation"], row["sparsity_cloze"] = cont_counter.share(), cloze_counter.share()
+        rows.append(row)
     bar.close()
     add_ratios(rows)
     return {

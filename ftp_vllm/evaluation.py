@@ -119,6 +119,10 @@ class SkipCounter:
             self.skipped[kind] += int((~keep[:, mask]).sum())
             self.total[kind] += keep.shape[0] * int(mask.sum())
 
+    def __add__(self, other: SkipCounter) -> SkipCounter:
+        return SkipCounter({k: v + other.skipped[k] for k, v in self.skipped.items()},
+                           {k: v + other.total[k] for k, v in self.total.items()})
+
     def share(self, kind: str | None = None) -> float | None:
         """Share skipped of `kind`'s token-block computations; None: of all of them."""
         kinds = ("prompt", "decode") if kind is None else (kind,)

@@ -75,6 +75,8 @@ def test_skip_counter_on_known_mask():
     assert c.share("prompt") == 3 / 6 and c.share("decode") == 1 / 2 and c.share() == 4 / 8
     c.add(torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
     assert c.share("decode") == 1 / 6 and c.share() == 4 / 12
+    both = c + c
+    assert both.total == {"prompt": 12, "decode": 12} and both.share() == c.share()
 
 
 def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
@@ -127,7 +129,8 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     bench = load_benchmark()
     bench.main(["--model", tiny_llama, "--routers", str(tiny_router_dir), "--sparsities", "0.25", "--text", str(text),
                 "--items", "10", "--chunks", "2", "--context", "24", "--continuation", "8", "--cloze-context", "16",
-                "--cloze-candidate", "6", "--calib-chunks", "1", "--batch-items", "4", "--batch-chunks", "1", "--json", str(out), "--no-progress"])
+                "--cloze-candidate", "6", "--calib-chunks", "1", "--batch-items", "4", "--batch-chunks", "1",
+                "--json", str(out), "--no-progress"])
     report = json.loads(out.read_text())
     rows = report["results"]
     assert out.with_suffix(".png").stat().st_size > 0
@@ -135,7 +138,8 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
                                            "shortgpt", "static-uniform", "random"]
     for r in rows:
         for key in ("method", "router", "sparsity", "ppl", "ppl_ratio", "top1_agreement", "kl", "cloze_acc",
-                    "cloze_retention", "sparsity_prompt", "sparsity_decode", "full_seq_ppl", "cloze_ci95"):
+                    "cloze_retention", "sparsity_prompt", "sparsity_decode", "full_seq_ppl", "cloze_ci95",
+                    "sparsity_continuation", "sparsity_cloze"):
             assert key in r, key
         assert isinstance(r["sparsity"], float) and r["cloze_items"] == 10
     dense, ftp = rows[0], rows[1]
