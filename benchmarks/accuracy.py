@@ -18,9 +18,12 @@ one document per paragraph), what a served request sees:
 Sparsity is the realised share of token-block computations skipped, counted
 from the keep masks of every prompt and decode token the method ran (each
 cloze context counted once, as it runs once); prompt and decode shares are
-reported apart.  Baselines at a router's sparsity (its declared prompt target):
-ShortGPT drops round(s B) blocks of lowest Block Influence, measured on
-calibration text (realised n / B); static-uniform applies the static router at
+reported apart.  Baselines at a router's sparsity s (its declared prompt
+target): ShortGPT drops round(s' B) blocks of lowest Block Influence, measured
+on calibration text (realised n / B), where s' is the share the router
+realised overall in this run (a router may keep decode tokens dense, a dropped
+block skips every token: so both skip about the same share of computations),
+or s when the router is not run; static-uniform applies the static router at
 one rate on every block but the first and last two (kept dense: skipping there
 ruins a small model), the rate set so the mean over all blocks is s; a decode
 token is the most recent token, which the static router always keeps, so its
@@ -116,9 +119,7 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
     for s, prompt, decode, label in targets:
         matched = {"matched_to": label, "matched_sparsity": round(s, 4)}
         if "shortgpt" in args.methods:
-            dropped = shortgpt_blocks(influence, round(s * B))
-            methods.append(Method("shortgpt", keep_rule=shortgpt_rule(B, dropped),
-                                  info={**matched, "declared_sparsity": len(dropped) / B, "dropped_blocks": dropped}))
+            methods.append(shortgpt_method(influence.tolist(), s, matched))
         if "static-uniform" in args.methods:
             uniform = uniform_schedule(B, s, dense_edges(B))
             methods.append(Method("static-uniform", keep_rule=static_rule(uniform),
@@ -128,6 +129,15 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
             methods.append(Method("random", keep_rule=random_rule(prompt, decode, args.seed),
                                   info={**matched, "declared_sparsity": round(s, 4)}))
     return methods
+
+
+def shortgpt_method(influence: list[float], sparsity: float, info: dict) -> Method:
+    """Drop the round(sparsity B) blocks of lowest Block Influence."""
+    B = len(influence)
+    dropped = shortgpt_blocks(torch.tensor(influence), round(sparsity * B))
+    return Method("shortgpt", keep_rule=shortgpt_rule(B, dropped),
+                  info={**info, "declared_sparsity": len(dropped) / B, "dropped_blocks": dropped,
+                        "block_influence": [round(x, 5) for x in influence]})
 
 
 def dense_edges(num_blocks: int) -> int:
@@ -158,9 +168,12 @@ def run(args) -> dict:
     bar = tqdm(total=len(methods) * (len(chunk_batches) + len(item_batches)), disable=not args.progress)
 
     dense_cont: list[torch.Tensor] = []
-    rows = []
+    rows, realised = [], {}
     for method in methods:
         t0 = time.perf_counter()
+        if method.method == "shortgpt" and method.info["matched_to"] in realised:  # match what the router skipped
+            info = {**method.info, "matched_sparsity": round(realised[method.info["matched_to"]], 4)}
+            method = shortgpt_method(method.info["block_influence"], info["matched_sparsity"], info)
         bar.set_description(f"{method.method} {method.router_name or method.info.get('matched_sparsity', '')}")
         cont_counter, cloze_counter, sums = SkipCounter(), SkipCounter(), ContinuationSums()
         for i, batch in enumerate(chunk_batches):
@@ -179,6 +192,8 @@ def run(args) -> dict:
                          time.perf_counter() - t0)
         row["sparsity_continuation"], row["sparsity_cloze"] = cont_counter.share(), cloze_counter.share()
         rows.append(row)
+        if method.router is not None:
+            realised[method.router_name] = row["sparsity"]
     bar.close()
     add_ratios(rows)
     return {
