@@ -19,6 +19,7 @@ import functools
 import importlib
 import inspect
 import random
+import re
 import sys
 import warnings
 
@@ -77,11 +78,25 @@ def _documents(split: str) -> tuple[str, ...]:
     return tuple(d for d in docs if d.strip())
 
 
+def file_documents(path) -> list[str]:
+    """A user's text file as documents: its paragraphs (blocks separated by blank lines)."""
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
 def token_chunks(tokenizer, split: str, length: int = 256, limit: int | None = None, seed: int = 0) -> torch.Tensor:
+    """[N, length] token ids of a split (see `document_chunks`)."""
+    return document_chunks(tokenizer, documents(split), length, limit, seed, name=f"{split} text")
+
+
+def document_chunks(tokenizer, docs, length: int = 256, limit: int | None = None, seed: int = 0,
+                    name: str = "text") -> torch.Tensor:
     """[N, length] token ids: consecutive windows of each document (a short tail is dropped, so
     a chunk never spans two documents), documents in a seeded shuffle so the first chunks
     come from many documents, stopping after `limit` chunks."""
-    docs = documents(split)
+    docs = list(docs)
     random.Random(seed).shuffle(docs)
     per_doc = []
     for doc in docs:
@@ -93,7 +108,7 @@ def token_chunks(tokenizer, split: str, length: int = 256, limit: int | None = N
     chunks = [w for round_ in _zip_longest(per_doc) for w in round_]
     if limit is not None:
         if len(chunks) < limit:
-            raise ValueError(f"{split} text has {len(chunks)} chunks of {length} tokens, fewer than {limit}")
+            raise ValueError(f"{name} has {len(chunks)} chunks of {length} tokens, fewer than {limit}")
         chunks = chunks[:limit]
     return torch.tensor(chunks, dtype=torch.long).reshape(-1, length)
 

@@ -1,0 +1,313 @@
+"""Accuracy of FTP routers against the dense model and baselines at matched sparsity.
+
+    python benchmarks/accuracy.py --json results/accuracy.json
+
+For the dense model, each router and, at each router's sparsity, ShortGPT, the
+static router with a uniform schedule and random token choice, on held-out
+text (`ftp_vllm.texts`, evaluation split; `--text PATH` for any text file,
+one document per paragraph), what a served request sees:
+
+- continuation: `--chunks` chunks of 224 + 32 tokens; the 224 are routed as a
+  prompt, the 32 scored under the decode rule: perplexity, top-1 agreement and
+  KL(dense || pruned) per token.  Full-sequence perplexity (all positions of
+  the same pass) is printed too, labelled as misleading.
+- cloze: `--items` four-way next-sentence items (`ftp_vllm.evaluation.cloze_items`),
+  accuracy with a 95% Wilson interval.  Retention = pruned / dense accuracy;
+  above-chance retention = (acc - 0.25) / (dense - 0.25).
+
+Sparsity is the realised share of token-block computations skipped, counted
+from the keep masks of every prompt and decode token the method ran (each
+cloze context counted once, as it runs once); prompt and decode shares are
+reported apart.  Baselines at a router's sparsity s (its declared prompt
+target): ShortGPT drops round(s' B) blocks of lowest Block Influence, measured
+on calibration text (realised n / B), where s' is the share the router
+realised overall in this run (a router may keep decode tokens dense, a dropped
+block skips every token: so both skip about the same share of computations),
+or s when the router is not run; static-uniform applies the static router at
+one rate on every block but the first and last two (kept dense: skipping there
+ruins a small model), the rate set so the mean over all blocks is s; a decode
+token is the most recent token, which the static router always keeps, so its
+decode sparsity is 0 and its overall share is below s.  Random token choice
+uses the router's own prompt and decode schedules (seeded).
+
+Speed: this runs on a few CPU cores (one SmolLM2-135M forward runs about
+300-400 tokens/s on two).  13 configurations x 1000 items must fit well
+under an hour, so (1) each cloze context runs once and its four candidates
+branch off it (`branch_logprobs`: identical to one pass per candidate), (2)
+contexts are the last 32 tokens before the true sentence and candidates the
+first 12 tokens of each sentence (~80 tokens per item instead of ~4 x 90),
+(3) the dense model's outputs are computed once and reused for KL and top-1.
+On a machine whose cores other jobs share, `--threads 1` ran 2-3x faster than
+two threads (spinning thread pools lose their time slices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
+from ftp_vllm.evaluation import (
+    CHANCE, ContinuationSums, Method, SkipCounter, cloze_items, cloze_scores, continuation_pass, random_rule,
+    retention, shortgpt_rule, static_rule, uniform_schedule, wilson_interval,
+)
+from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
+from ftp_vllm.reference import RoutedModel, block_influence, shortgpt_blocks
+from ftp_vllm.texts import document_chunks, documents, file_documents, token_chunks
+
+METHODS = ("dense", "ftp", "shortgpt", "static-uniform", "random")
+SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 30, 40)]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name or model folder")
+    p.add_argument("--routers", nargs="*", default=None,
+                   help=f"router names or folders (default: {' '.join(SHIPPED_ROUTERS)} for the default model)")
+    p.add_argument("--sparsities", nargs="*", type=float, default=[],
+                   help="extra sparsities for the baselines alone (no router)")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="methods to run (dense always runs)")
+    p.add_argument("--text", help="a text file to evaluate on instead of the held-out split (paragraphs = documents)")
+    p.add_argument("--items", type=int, default=1000, help="cloze items")
+    p.add_argument("--chunks", type=int, default=32, help="continuation chunks")
+    p.add_argument("--context", type=int, default=224, help="routed prompt tokens of a continuation chunk")
+    p.add_argument("--continuation", type=int, default=32, help="scored continuation tokens of a chunk")
+    p.add_argument("--cloze-context", type=int, default=32, help="context tokens of a cloze item")
+    p.add_argument("--cloze-candidate", type=int, default=12, help="tokens of each cloze candidate")
+    p.add_argument("--calib-chunks", type=int, default=8, help="256-token calibration chunks for Block Influence")
+    p.add_argument("--batch-items", type=int, default=32, help="cloze items per forward")
+    p.add_argument("--batch-chunks", type=int, default=4, help="continuation chunks per forward")
+    p.add_argument("--threads", type=int, help="torch threads (on a machine shared with other jobs, 1 is often faster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="retention-vs-sparsity plot (default: next to --json, else results/accuracy.png)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+# ---- configurations ----------------------------------------------------------------
+
+def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> list[Method]:
+    B = model.num_blocks
+    routers = args.routers if args.routers is not None else (SHIPPED_ROUTERS if args.model == DEFAULT_MODEL else [])
+    methods = [Method("dense", info={"declared_sparsity": 0.0})]
+    targets = []  # (sparsity, prompt schedule, decode schedule, router name)
+    for name in routers:
+        router, config = load_checkpoint(name)
+        check_compatible(config, model_folder)
+        label = resolve_router(name).name
+        info = {"declared_sparsity": config.get("target_sparsity"),
+                "declared_decode_sparsity": config.get("decode_target_sparsity")}
+        if "ftp" in args.methods:
+            methods.append(Method("ftp", label, router=router, info=info))
+        targets.append((float(router.sparsity.mean()), router.sparsity.tolist(), router.decode_sparsity.tolist(), label))
+    for s in args.sparsities:
+        uniform = uniform_schedule(B, s, dense_edges(B))
+        targets.append((s, uniform, uniform, None))
+    influence = None
+    if "shortgpt" in args.methods and targets:
+        cal = token_chunks(tokenizer, "calibration", 256, args.calib_chunks, args.seed)
+        influence = block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
+    for s, prompt, decode, label in targets:
+        matched = {"matched_to": label, "matched_sparsity": round(s, 4)}
+        if "shortgpt" in args.methods:
+            methods.append(shortgpt_method(influence.tolist(), s, matched))
+        if "static-uniform" in args.methods:
+            uniform = uniform_schedule(B, s, dense_edges(B))
+            methods.append(Method("static-uniform", keep_rule=static_rule(uniform),
+                                  info={**matched, "declared_sparsity": round(s, 4), "block_rate": round(max(uniform), 4),
+                                        "dense_edges": dense_edges(B)}))
+        if "random" in args.methods:
+            methods.append(Method("random", keep_rule=random_rule(prompt, decode, args.seed),
+                                  info={**matched, "declared_sparsity": round(s, 4)}))
+    return methods
+
+
+def shortgpt_method(influence: list[float], sparsity: float, info: dict) -> Method:
+    """Drop the round(sparsity B) blocks of lowest Block Influence."""
+    B = len(influence)
+    dropped = shortgpt_blocks(torch.tensor(influence), round(sparsity * B))
+    return Method("shortgpt", keep_rule=shortgpt_rule(B, dropped),
+                  info={**info, "declared_sparsity": len(dropped) / B, "dropped_blocks": dropped,
+                        "block_influence": [round(x, 5) for x in influence]})
+
+
+def dense_edges(num_blocks: int) -> int:
+    """Blocks kept dense at each end by the uniform schedule: 2 on real models, fewer on tiny ones."""
+    return min(2, num_blocks // 6)
+
+
+# ---- running -----------------------------------------------------------------------
+
+def run(args) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    folder = resolve_model(args.model)
+    model = RoutedModel.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    docs = file_documents(args.text) if args.text else documents("evaluation")
+    length = args.context + args.continuation
+    chunks = document_chunks(tokenizer, docs, length, None, args.seed)[: args.chunks]
+    if not len(chunks):
+        raise SystemExit(f"accuracy: the text has no document of {length} tokens for the continuation metrics")
+    items = cloze_items(tokenizer, docs, args.items, args.seed, args.cloze_context, args.cloze_candidate)
+    methods = build_methods(args, model, folder, tokenizer)
+    chunk_batches = list(torch.split(chunks, args.batch_chunks))
+    item_batches = [items[i:i + args.batch_items] for i in range(0, len(items), args.batch_items)]
+    answers = torch.tensor([it.answer for it in items])
+    bar = tqdm(total=len(methods) * (len(chunk_batches) + len(item_batches)), disable=not args.progress)
+
+    dense_cont: list[torch.Tensor] = []
+    rows, realised = [], {}
+    for method in methods:
+        t0 = time.perf_counter()
+        if method.method == "shortgpt" and method.info["matched_to"] in realised:  # match what the router skipped
+            info = {**method.info, "matched_sparsity": round(realised[method.info["matched_to"]], 4)}
+            method = shortgpt_method(method.info["block_influence"], info["matched_sparsity"], info)
+        bar.set_description(f"{method.method} {method.router_name or method.info.get('matched_sparsity', '')}")
+        cont_counter, cloze_counter, sums = SkipCounter(), SkipCounter(), ContinuationSums()
+        for i, batch in enumerate(chunk_batches):
+            is_dense = method.method == "dense"  # first: its outputs are every other method's reference
+            cont = continuation_pass(model, method, batch, args.context, None if is_dense else dense_cont[i],
+                                     cont_counter, sums)
+            if is_dense:
+                dense_cont.append(cont)
+            bar.update(1)
+        scores = []
+        for batch in item_batches:
+            scores.append(cloze_scores(model, method, batch, cloze_counter))
+            bar.update(1)
+        correct = int((torch.cat(scores).argmax(-1) == answers).sum())
+        row = result_row(method, sums.metrics(), correct, len(items), cont_counter + cloze_counter,
+                         time.perf_counter() - t0)
+        row["sparsity_continuation"], row["sparsity_cloze"] = cont_counter.share(), cloze_counter.share()
+        rows.append(row)
+        if method.router is not None:
+            realised[method.router_name] = row["sparsity"]
+    bar.close()
+    add_ratios(rows)
+    return {
+        "results": rows,
+        "setup": {
+            "command": "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+            "model": args.model, "num_blocks": model.num_blocks,
+            "text": args.text or "held-out evaluation split (pydoc_data.topics, ftp_vllm.texts)",
+            "continuation": f"{len(chunks)} chunks: {args.context}-token routed prompt, {args.continuation} tokens "
+                            "scored under the decode rule",
+            "cloze": f"{len(items)} items: {CHANCE:.0%} chance; context = last {args.cloze_context} tokens before "
+                     f"the true sentence, candidates = first {args.cloze_candidate} tokens of each sentence, "
+                     "summed log-likelihood",
+            "sparsity": "realised share of token-block computations skipped (keep masks of every prompt and "
+                        "decode token run; each cloze context once)",
+            "full_seq_ppl": "perplexity over every position of the routed pass: misleading, since a skipped prompt "
+                            "token's own prediction is never served",
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        },
+    }
+
+
+def result_row(method: Method, cont: dict, correct: int, n: int, counter: SkipCounter, wall: float) -> dict:
+    lo, hi = wilson_interval(correct, n)
+    row = {
+        "method": method.method, "router": method.router_name, **method.info,
+        "sparsity": counter.share(), "sparsity_prompt": counter.share("prompt"),
+        "sparsity_decode": counter.share("decode"),
+        **cont, "cloze_acc": correct / n, "cloze_ci95": [lo, hi], "cloze_items": n, "wall_s": round(wall, 1),
+    }
+    if method.router is not None:  # the declared target, weighted by this run's prompt / decode tokens
+        tp, td = counter.total["prompt"], counter.total["decode"]
+        declared = (tp * row["declared_sparsity"] + td * row["declared_decode_sparsity"]) / (tp + td)
+        row["sparsity_target"] = declared
+        row["sparsity_within_1pt"] = abs(row["sparsity"] - declared) <= 0.01
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    dense = next(r for r in rows if r["method"] == "dense")
+    for r in rows:
+        r["ppl_ratio"] = r["ppl"] / dense["ppl"]
+        r["ppl_retention"] = dense["ppl"] / r["ppl"]
+        r["cloze_retention"] = retention(r["cloze_acc"], dense["cloze_acc"])
+        r["cloze_above_chance_retention"] = retention(r["cloze_acc"], dense["cloze_acc"], CHANCE)
+
+
+# ---- output ------------------------------------------------------------------------
+
+def format_table(rows: list[dict]) -> str:
+    head = ("method", "router / matched", "sparsity p/d/all", "ppl", "ratio", "top1", "KL", "full-seq ppl*",
+            "cloze acc [95% CI]", "retention", "above-chance")
+    lines = [head]
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    for r in rows:
+        lo, hi = r["cloze_ci95"]
+        lines.append((
+            r["method"], r["router"] or (r.get("matched_to") or f"s={r.get('matched_sparsity', 0)}"),
+            f"{pct(r['sparsity_prompt'])}/{pct(r['sparsity_decode'])}/{pct(r['sparsity'])}",
+            f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl']:.3f}",
+            f"{r['full_seq_ppl']:.1f}", f"{100 * r['cloze_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+            f"{r['cloze_retention']:.3f}", f"{r['cloze_above_chance_retention']:.3f}",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out.append("sparsity: realised % of token-block computations skipped (prompt / decode / all); ppl, ratio, "
+               "top1, KL: continuation under the decode rule; *full-seq ppl misleads (skipped prompt tokens' "
+               "own predictions are never served); retention = cloze acc / dense, above-chance = (acc - .25) / (dense - .25)")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "cloze_retention", "cloze accuracy retention (pruned / dense)"),
+                           (axes[1], "ppl_retention", "continuation ppl retention (dense / pruned)")):
+        dense = [(100 * r["sparsity"], r[key]) for r in rows if r["method"] == "dense"]
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+            pts = dense + sorted((100 * r["sparsity"], r[key]) for r in rows if r["method"] == method and math.isfinite(r[key]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("realised sparsity (% of token-block computations skipped)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.argv = argv
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args)
+    print(format_table(report["results"]))
+    print(f"wall time: {report['setup']['wall_time_s']} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    png = Path(args.png) if args.png else (Path(args.json).with_suffix(".png") if args.json else Path("results/accuracy.png"))
+    plot(report["results"], png)
+    print(f"plot: {png}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Quality of a pruned model as a served request sees it, on held-out text.
+
+Two measurements, both with serving semantics (`ftp_vllm.reference`: a context
+routed as a prompt, then tokens scored one by one under the decode rule):
+
+- continuation: chunks of `context + continuation` tokens; the continuation's
+  perplexity, top-1 agreement and KL to the dense model.  Full-sequence
+  perplexity (every position of the same pass) is reported beside it, labelled
+  as misleading: a skipped prompt token's own prediction is never served.
+- next-sentence cloze: a context from a document, its true next sentence and
+  three next sentences from other documents, each scored by its summed
+  log-likelihood; accuracy with a Wilson 95% interval.
+
+A method (dense, a router, a baseline keep rule) is a `Method`; its realised
+sparsity is counted from the keep masks of every token it ran.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference as ref
+from .reference import RoutedModel
+from .router import Router, local_index, request_ids
+from .schedule import ContinuationBatch, kl_and_nll
+
+CHOICES = 4
+CHANCE = 1 / CHOICES
+
+
+# ---- methods ---------------------------------------------------------------------
+
+KeepRule = Callable[[Tensor, Tensor], Tensor]  # (cu_seqlens, prompt_lens [R]) -> keep [B, T]
+
+
+@dataclass
+class Method:
+    """One configuration: `router` decides (serving rule), or `keep_rule` gives the masks, or
+    neither (dense).  `info` goes into the results as it is."""
+
+    method: str  # dense | ftp | shortgpt | static-uniform | random
+    router_name: str | None = None
+    router: Router | None = None
+    keep_rule: KeepRule | None = None
+    info: dict = field(default_factory=dict)
+
+    def routing(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> dict:
+        if self.router is not None:
+            return {"router": self.router}
+        if self.keep_rule is not None:
+            return {"keep": self.keep_rule(cu_seqlens, prompt_lens)}
+        return {}
+
+
+def is_prompt(cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
+    return local_index(cu_seqlens) < prompt_lens[request_ids(cu_seqlens)]
+
+
+def static_rule(schedule: Sequence[float]) -> KeepRule:
+    """Static router on prompts; a decode token is the most recent token, which it keeps."""
+
+    def rule(cu, prompt_lens):
+        if not prompt_lens.any():
+            return torch.ones(len(schedule), int(cu[-1]), dtype=torch.bool)
+        return ref.static_keep(cu, schedule, prompt_lens)
+
+    return rule
+
+
+def random_rule(schedule: Sequence[float], decode_schedule: Sequence[float], seed: int = 0) -> KeepRule:
+    """Random token choice: each prompt keeps a random k at its block's sparsity (the
+    always-kept tokens too); each decode token is skipped with its block's decode sparsity."""
+    generator = torch.Generator().manual_seed(seed)
+    decode = torch.tensor(list(decode_schedule), dtype=torch.float32)[:, None]
+
+    def rule(cu, prompt_lens):
+        prompt = is_prompt(cu, prompt_lens)
+        keep = torch.ones(len(schedule), len(prompt), dtype=torch.bool)
+        if prompt.any():
+            keep = ref.random_keep(cu, schedule, prompt_lens, generator)
+        skip = torch.rand(keep.shape, generator=generator) < decode
+        return keep & ~(skip & ~prompt)
+
+    return rule
+
+
+def shortgpt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
+    return lambda cu, prompt_lens: ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
+
+
+def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list[float]:
+    """`sparsity` on average over all blocks, spread evenly over the blocks between the
+    `dense_edges` first and last ones (kept dense: skipping there ruins a small model)."""
+    free = num_blocks - 2 * dense_edges
+    rate = min(1.0, sparsity * num_blocks / free)
+    return [rate if dense_edges <= b < num_blocks - dense_edges else 0.0 for b in range(num_blocks)]
+
+
+# ---- realised sparsity -------------------------------------------------------------
+
+@dataclass
+class SkipCounter:
+    """Token-block computations skipped and run, for prompt and decode tokens."""
+
+    skipped: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
+    total: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
+
+    def add(self, keep: Tensor, prompt: Tensor) -> None:
+        """keep [B, T] bool; prompt [T] bool."""
+        for kind, mask in (("prompt", prompt), ("decode", ~prompt)):
+            self.skipped[kind] += int((~keep[:, mask]).sum())
+            self.total[kind] += keep.shape[0] * int(mask.sum())
+
+    def __add__(self, other: SkipCounter) -> SkipCounter:
+        return SkipCounter({k: v + other.skipped[k] for k, v in self.skipped.items()},
+                           {k: v + other.total[k] for k, v in self.total.items()})
+
+    def share(self, kind: str | None = None) -> float | None:
+        """Share skipped of `kind`'s token-block computations; None: of all of them."""
+        kinds = ("prompt", "decode") if kind is None else (kind,)
+        total = sum(self.total[k] for k in kinds)
+        return sum(self.skipped[k] for k in kinds) / total if total else None
+
+
+# ---- continuation ----------------------------------------------------------------
+
+@dataclass
+class ContinuationSums:
+    scored: int = 0
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: float = 0.0
+    full_tokens: int = 0
+    full_nll: float = 0.0
+
+    def metrics(self) -> dict:
+        return {"ppl": math.exp(self.nll / self.scored), "kl": self.kl / self.scored,
+                "top1_agreement": self.agree / self.scored, "full_seq_ppl": math.exp(self.full_nll / self.full_tokens)}
+
+
+@torch.inference_mode()
+def continuation_pass(model: RoutedModel, method: Method, chunks: Tensor, context: int, dense: Tensor | None,
+                      counter: SkipCounter, sums: ContinuationSums) -> Tensor:
+    """Run `chunks` [N, L] (first `context` tokens a routed prompt); add to `sums` and
+    `counter`; return the continuation log-probs (the dense reference when `dense` is None)."""
+    batch = ContinuationBatch.of(chunks, context)
+    out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, **method.routing(batch.cu_seqlens, batch.prompt_lens))
+    logprobs = F.log_softmax(out.logits.float(), -1)
+    counter.add(out.keep, is_prompt(batch.cu_seqlens, batch.prompt_lens))
+    cont = logprobs[batch.scored]
+    reference = cont if dense is None else dense
+    kl, nll = kl_and_nll(cont, reference, batch.targets)
+    n = len(batch.targets)
+    sums.scored += n
+    sums.nll += nll * n
+    sums.kl += kl * n
+    sums.agree += float((cont.argmax(-1) == reference.argmax(-1)).sum())
+    not_last = local_index(batch.cu_seqlens) < chunks.shape[1] - 1
+    full = logprobs[not_last].gather(-1, batch.input_ids.roll(-1)[not_last][:, None])
+    sums.full_tokens += len(full)
+    sums.full_nll -= float(full.sum())
+    return cont
+
+
+# ---- cloze ---------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(`*])")
+_RULE = re.compile(r"^\s*([*=#~^-])\1{2,}\s*$")
+
+
+def sentences(document: str) -> list[str]:
+    """Prose sentences of a document, in order: paragraphs split on blank lines, indented
+    (code) paragraphs and headings (a line underlined by *** / === / ---) dropped."""
+    out = []
+    for para in re.split(r"\n\s*\n", document):
+        lines = para.strip("\n").splitlines()
+        if not lines or lines[0][:1].isspace() or any(_RULE.match(l) for l in lines):
+            continue
+        out += [s for s in _SENTENCE_END.split(" ".join(" ".join(lines).split())) if s]
+    return out
+
+
+@dataclass
+class ClozeItem:
+    context: list[int]  # token ids: the end of the sentences before the true one
+    candidates: list[list[int]]  # CHOICES continuations; candidates[answer] is the true next sentence
+    answer: int
+    document: int
+    distractor_documents: list[int]
+
+
+def cloze_items(tokenizer, documents: Sequence[str], n: int, seed: int = 0, context_tokens: int = 32,
+                candidate_tokens: int = 12, min_candidate_tokens: int = 3) -> list[ClozeItem]:
+    """Up to `n` items, deterministic per seed.  Each takes a sentence with at least one
+    sentence before it in its document: the context is the last `context_tokens` tokens of
+    the sentences before it, the candidates the first `candidate_tokens` tokens of it and of
+    three sentences (never first in their document, never equal to the true candidate) from
+    three other, distinct documents; the true one's place among them is random."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    docs = [sentences(d) for d in documents]
+    cand = [[encode(" " + s)[:candidate_tokens] for s in doc] for doc in docs]
+    usable = [[i for i in range(1, len(doc)) if len(cand[d][i]) >= min_candidate_tokens] for d, doc in enumerate(docs)]
+    pairs = [(d, i) for d, idx in enumerate(usable) for i in idx]
+    donors = [d for d, idx in enumerate(usable) if idx]
+    if len(donors) < CHOICES:
+        raise ValueError(f"the text has {len(donors)} documents with usable sentences; the cloze needs {CHOICES}")
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    items = []
+    for d, i in pairs:
+        if len(items) == n:
+            break
+        true = cand[d][i]
+        others = rng.sample([x for x in donors if x != d], CHOICES - 1)
+        pools = [[cand[o][j] for j in usable[o] if cand[o][j] != true] for o in others]
+        if not all(pools):  # a distractor identical to the true candidate would make a tie
+            continue
+        candidates = [rng.choice(pool) for pool in pools]
+        answer = rng.randrange(CHOICES)
+        candidates.insert(answer, true)
+        context = encode(" ".join(docs[d][:i]))[-context_tokens:]
+        items.append(ClozeItem(context, candidates, answer, d, others))
+    return items
+
+
+def _pack(seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    cu = torch.tensor([0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()])
+    return ids, cu
+
+
+@torch.inference_mode()
+def cloze_scores(model: RoutedModel, method: Method, items: Sequence[ClozeItem], counter: SkipCounter) -> Tensor:
+    """[len(items), CHOICES] summed log-likelihood of each candidate given its context."""
+    ctx_ids, ctx_cu = _pack([it.context for it in items])
+    br_ids, br_cu = _pack([c for it in items for c in it.candidates])
+    br_ctx = torch.arange(len(items)).repeat_interleave(CHOICES)
+    return branch_logprobs(model, method, ctx_ids, ctx_cu, br_ids, br_cu, br_ctx, counter).view(-1, CHOICES)
+
+
+def branch_logprobs(model: RoutedModel, method: Method, ctx_ids: Tensor, ctx_cu: Tensor, br_ids: Tensor,
+                    br_cu: Tensor, br_ctx: Tensor, counter: SkipCounter | None = None) -> Tensor:
+    """Summed log-probability of each branch `br_ids[br_cu[n]:br_cu[n+1]]` as the continuation
+    of context `br_ctx[n]`: the same as one pass over context + branch with the context as the
+    prompt (decode rule on the branch), but each context runs once for all its branches.
+
+    The contexts run through `RoutedModel` as whole prompts; the branches then run block by
+    block attending to their context's keys and values, recomputed from the block inputs the
+    context pass returned (a skipped token's K/V come from its unchanged state, as served)."""
+    ctx_len = ctx_cu[1:] - ctx_cu[:-1]
+    out = model(ctx_ids, ctx_cu, **method.routing(ctx_cu, ctx_len), return_hidden=True, logits_at=ctx_cu[1:] - 1)
+    first = F.log_softmax(out.logits.float(), -1)  # [C, V]: predicts each branch's first token
+    T, N = len(br_ids), len(br_cu) - 1
+    rid, off = request_ids(br_cu), local_index(br_cu)
+    br_len, prompt_lens = br_cu[1:] - br_cu[:-1], ctx_len[br_ctx]
+    positions, token_prompt_lens = prompt_lens[rid] + off, prompt_lens[rid]
+    routing = method.routing(br_cu, torch.zeros_like(br_len))
+    router, keep = routing.get("router"), routing.get("keep")
+
+    # Padded attention layout: branch n's queries [Lb] over its context [Lc] then itself.
+    Lc, Lb = int(prompt_lens.max()), int(br_len.max())
+    c_col, b_col = torch.arange(Lc), torch.arange(Lb)
+    c_valid, b_valid = c_col < prompt_lens[:, None], b_col < br_len[:, None]
+    c_index = torch.where(c_valid, ctx_cu[br_ctx][:, None] + c_col, 0)
+    b_index = torch.where(b_valid, br_cu[:-1, None] + b_col, 0)
+    mask = torch.cat([c_valid[:, None, :].expand(N, Lb, Lc),
+                      (b_col[None, :] <= b_col[:, None])[None] & b_valid[:, None, :]], -1)[:, None]
+    past_index = c_index[c_valid]  # each branch's context tokens, branch after branch
+    past_cu = F.pad(prompt_lens.cumsum(0), (1, 0))
+
+    h = model.hf.model.embed_tokens(br_ids)
+    cos, sin = (t[0] for t in model.hf.model.rotary_emb(h[None], positions[None]))
+    ctx_pos = local_index(ctx_cu)
+    ccos, csin = (t[0] for t in model.hf.model.rotary_emb(h[None], ctx_pos[None]))
+    keeps = []
+    for b, layer in enumerate(model.layers):
+        q, k, v = model.qkv(b, h)
+        _, kc, vc = model.qkv(b, out.hidden[b])
+        gate = None if keep is None else keep[b]
+        if router is not None and not router.is_dense(b):
+            past = router.block_scores(b, kc)[past_index]
+            logits = router.block_logits(b, router.block_scores(b, k), positions, br_cu, past, past_cu)
+            gate = router.keep(b, logits, positions, token_prompt_lens)
+        qr, kr, kcr = ref.rotate(q, cos, sin), ref.rotate(k, cos, sin), ref.rotate(kc, ccos, csin)
+        keys = torch.cat([kcr[c_index], kr[b_index]], 1).transpose(1, 2)
+        values = torch.cat([vc[c_index], v[b_index]], 1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qr[b_index].transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        attn = layer.self_attn.o_proj(o.transpose(1, 2)[b_valid].reshape(T, -1))
+        h_mid = h + attn
+        h_full = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
+        if gate is None:
+            gate = torch.ones(T, dtype=torch.bool)
+        h = torch.where(gate[:, None], h_full, h)
+        keeps.append(gate)
+    if counter is not None:
+        counter.add(out.keep, torch.ones(len(ctx_ids), dtype=torch.bool))
+        counter.add(torch.stack(keeps), torch.zeros(T, dtype=torch.bool))
+    inner = off < br_len[rid] - 1  # positions that predict a later token of their branch
+    logprobs = F.log_softmax(model.hf.lm_head(model.hf.model.norm(h[inner])).float(), -1)
+    token_lp = logprobs.gather(-1, br_ids.roll(-1)[inner][:, None])[:, 0]
+    total = first[br_ctx, br_ids[br_cu[:-1]]]
+    return total.index_add(0, rid[inner], token_lp)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike p +- z se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def retention(value: float, dense: float, floor: float = 0.0) -> float:
+    """(value - floor) / (dense - floor): share of the dense model's score (above `floor`) kept."""
+    return (value - floor) / (dense - floor) if dense != floor else float("nan")
