@@ -22,7 +22,7 @@ def real_prompts(n: int, words: int = 40) -> list[str]:
     return texts[:n]
 
 
-def run_engines(runs: list[dict], timeout: int = 900) -> list[dict]:
+def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
     """Per run, the resolved architecture and greedy token ids per prompt, from vLLM
     engines in a fresh process."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
