@@ -28,7 +28,7 @@ import torch
 from . import BASE_ARCHITECTURES
 from .router import HIDDEN, Router
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROUTER_FILE = "router.safetensors"
 CONFIG_FILE = "ftp_config.json"
 SHIPPED = Path(__file__).parent / "routers"
@@ -126,7 +126,6 @@ def router_shape(router: Router) -> dict:
         "num_kv_heads": router.mean_query.shape[1],
         "head_dim": router.mean_query.shape[2],
         "hidden": router.mlp.fc1.out_features,
-        "max_position": router.max_position,
     }
 
 
@@ -190,7 +189,7 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
         raise CheckpointError(f"{folder / CONFIG_FILE}: schema version {found!r}, this ftp_vllm reads {SCHEMA_VERSION}")
     try:
         shape = config["router"]
-        router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape["max_position"], shape.get("hidden", HIDDEN))
+        router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape.get("hidden", HIDDEN))
         base_layers = config["base_model"]["num_layers"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: missing field {e}") from None

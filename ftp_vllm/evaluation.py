@@ -287,7 +287,7 @@ def branch_logprobs(model: RoutedModel, method: Method, ctx_ids: Tensor, ctx_cu:
         gate = None if keep is None else keep[b]
         if router is not None and not router.is_dense(b):
             past = router.block_scores(b, kc)[past_index]
-            logits = router.block_logits(b, router.block_scores(b, k), positions, br_cu, past, past_cu)
+            logits = router.block_logits(b, router.block_scores(b, k), positions, token_prompt_lens, br_cu, past, past_cu)
             gate = router.keep(b, logits, positions, token_prompt_lens)
         qr, kr, kcr = ref.rotate(q, cos, sin), ref.rotate(k, cos, sin), ref.rotate(kc, ccos, csin)
         keys = torch.cat([kcr[c_index], kr[b_index]], 1).transpose(1, 2)

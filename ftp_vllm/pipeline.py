@@ -134,7 +134,6 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         "decode_target_sparsity": round(sum(decode_of(tuned.schedule)) / B, 6),
         "target_note": "mean over blocks of the share of token-block computations skipped; prompt "
                        "tokens and decode tokens each have a per-block schedule",
-        "max_position": router.max_position,
         "feature_normalisation": {"features": ["position", "attention score", "rank", "sparsity"],
                                   "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
         "realised_sparsity": {

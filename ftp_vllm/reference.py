@@ -57,7 +57,6 @@ class RoutedModel(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.max_position = config.max_position_embeddings
 
     @classmethod
     def from_pretrained(cls, path) -> RoutedModel:
@@ -74,7 +73,7 @@ class RoutedModel(nn.Module):
         return len(self.layers)
 
     def new_router(self) -> R.Router:
-        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim, self.max_position)
+        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim)
 
     def qkv(self, block: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-rotary q [T, H, d], k and v [T, KV, d] of hidden states h at `block`."""
@@ -117,7 +116,7 @@ class RoutedModel(nn.Module):
         logits_at: token indices whose logits to compute (the LM head over a 49k vocabulary
         costs as much as several blocks); default all.
         """
-        tok = _Tokens.of(cu_seqlens, prompt_lens)
+        tok = Tokens.of(cu_seqlens, prompt_lens)
         positions = tok.positions
         bounds = cu_seqlens.tolist()
         T = len(input_ids)
@@ -133,7 +132,7 @@ class RoutedModel(nn.Module):
                 gate = keep[b]
             elif router is not None and not router.is_dense(b):
                 routed.append(b)
-                router_logits = router.block_logits(b, router.block_scores(b, k), positions, cu_seqlens)
+                router_logits = router.block_logits(b, router.block_scores(b, k), positions, tok.prompt_lens, cu_seqlens)
                 gate, prob = self._decide(router, b, router_logits, mode, temperature, tok)
             attn = self._attention(b, q, k, v, cos, sin, bounds)
             h_mid = h + attn
@@ -152,7 +151,7 @@ class RoutedModel(nn.Module):
         return RoutedOutput(logits, torch.stack(keeps), torch.stack(logits_all), torch.stack(probs), routed, hidden)
 
     @staticmethod
-    def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "_Tokens"):
+    def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "Tokens"):
         if mode == "train":  # as in serving, a kind of token (prompt, decode) with target 0 is always kept
             always = tok.always
             if router.sparsity[b].item() == 0:
@@ -175,7 +174,7 @@ class RoutedModel(nn.Module):
 
 
 @dataclass
-class _Tokens:
+class Tokens:
     """Per-token layout of a packed batch."""
 
     positions: Tensor
@@ -185,7 +184,7 @@ class _Tokens:
     prompt_cu: Tensor  # cu_seqlens of the prompt parts alone
 
     @classmethod
-    def of(cls, cu_seqlens: Tensor, prompt_lens: Tensor | None) -> _Tokens:
+    def of(cls, cu_seqlens: Tensor, prompt_lens: Tensor | None) -> Tokens:
         rid = R.request_ids(cu_seqlens)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         per_request = lengths if prompt_lens is None else torch.minimum(prompt_lens, lengths)
@@ -203,12 +202,12 @@ def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Ten
     """Set the router's mean queries and feature statistics from a dense pass over calibration
     text.  Position 0 is left out: it is always kept and, as the attention sink, an outlier."""
     out = model(input_ids, cu_seqlens, return_hidden=True, logits_at=input_ids.new_zeros(0))
-    positions = R.local_index(cu_seqlens)
-    later = positions > 0
+    tok = Tokens.of(cu_seqlens, None)
+    later = tok.positions > 0
     for b in range(model.num_blocks):
         q, k, _ = model.qkv(b, out.hidden[b])
         router.mean_query[b] = R.fold_mean_query(q[later].mean(0), model.num_kv_heads)
-        raw = router.block_features(b, router.block_scores(b, k), positions, cu_seqlens)[later]
+        raw = router.block_features(b, router.block_scores(b, k), tok.positions, tok.prompt_lens, cu_seqlens)[later]
         router.feature_mean[b], router.feature_std[b] = raw.mean(0), raw.std(0).clamp_min(1e-6)
         router.feature_mean[b, 3], router.feature_std[b, 3] = 0.0, 1.0  # sparsity: constant within a block
 
@@ -239,7 +238,7 @@ def block_influence(model: RoutedModel, input_ids: Tensor, cu_seqlens: Tensor) -
 def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None) -> Tensor:
     """Static router on each prompt at each block's sparsity; the always-kept tokens too.
     Continuation tokens are kept: a decode token is the most recent token, which it keeps."""
-    tok = _Tokens.of(cu_seqlens, prompt_lens)
+    tok = Tokens.of(cu_seqlens, prompt_lens)
     rows = []
     for s in sparsity:
         keep = tok.always | ~tok.is_prompt
@@ -253,12 +252,12 @@ def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None)
 
 def random_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None, generator=None) -> Tensor:
     """Random token choice at each block's sparsity (always-kept tokens and continuation kept)."""
-    tok = _Tokens.of(cu_seqlens, prompt_lens)
+    tok = Tokens.of(cu_seqlens, prompt_lens)
     noise = torch.rand(len(sparsity), len(tok.positions), generator=generator)
     return torch.stack([_prompt_topk(n, tok, float(s)) for n, s in zip(noise, sparsity)])
 
 
-def _prompt_topk(scores: Tensor, tok: _Tokens, sparsity: float, keep: Tensor | None = None) -> Tensor:
+def _prompt_topk(scores: Tensor, tok: Tokens, sparsity: float, keep: Tensor | None = None) -> Tensor:
     """Top-k of each prompt by `scores`; other tokens keep `keep` (default: kept)."""
     keep = torch.ones_like(tok.always) if keep is None else keep.clone()
     keep[tok.is_prompt] = R.topk_keep(scores[tok.is_prompt], tok.prompt_cu, sparsity, tok.always[tok.is_prompt])

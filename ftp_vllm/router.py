@@ -34,7 +34,12 @@ score_i   Attention score, the pre-softmax logit token i's key receives from
 rank_i    Relative score: the fraction of the request's tokens j <= i (i
           itself included) with score_j <= score_i.  In (0, 1]; the first
           token's rank is 1.
-pos_i     Normalised absolute position: log1p(p_i) / log1p(max_position).
+pos_i     Position relative to the prompt: p_i / (L - 1) for a prompt of L
+          tokens, 0 at the first token and 1 at the last; decode tokens
+          (p_i >= L) get 1, they are the most recent.  Recency relative to
+          the prompt's end is what the static router keeps by; an absolute
+          position cannot express it.  L is known from a request's first
+          step on, so the feature is as split-independent as the others.
 sparsity  The block's target (prompt) sparsity s_b in [0, 1]; decode tokens
           get the same input, only their threshold differs.
 
@@ -135,15 +140,16 @@ def causal_rank(
     return rank
 
 
-def position_feature(positions: Tensor, max_position: int) -> Tensor:
-    return torch.log1p(positions.float()) / math.log1p(max_position)
+def position_feature(positions: Tensor, prompt_lens: Tensor) -> Tensor:
+    """pos_i from absolute positions and each token's prompt length."""
+    return (positions.float() / (prompt_lens - 1).clamp_min(1).float()).clamp_max(1.0)
 
 
 def router_features(
-    scores: Tensor, rank: Tensor, positions: Tensor, sparsity: float | Tensor, max_position: int
+    scores: Tensor, rank: Tensor, positions: Tensor, prompt_lens: Tensor, sparsity: float | Tensor
 ) -> Tensor:
     """[T, 4] raw router features: [pos, attention score, rank, block sparsity]."""
-    pos = position_feature(positions, max_position)
+    pos = position_feature(positions, prompt_lens)
     s = torch.as_tensor(sparsity, dtype=torch.float32, device=pos.device).expand_as(pos)
     return torch.stack([pos, scores.float(), rank.float(), s], dim=-1)
 
@@ -176,10 +182,9 @@ class Router(nn.Module):
     threshold_decode [B] logit thresholds (0 until calibrated: p > 0.5).
     """
 
-    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, max_position: int, hidden: int = HIDDEN):
+    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, hidden: int = HIDDEN):
         super().__init__()
         self.mlp = RouterMLP(hidden)
-        self.max_position = max_position
         self.register_buffer("mean_query", torch.zeros(num_blocks, num_kv_heads, head_dim))
         self.register_buffer("feature_mean", torch.zeros(num_blocks, NUM_FEATURES))
         self.register_buffer("feature_std", torch.ones(num_blocks, NUM_FEATURES))
@@ -220,25 +225,27 @@ class Router(nn.Module):
         block: int,
         scores: Tensor,
         positions: Tensor,
+        prompt_lens: Tensor,
         cu_seqlens: Tensor,
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """Raw features [T, 4] of the step tokens at `block`."""
+        """Raw features [T, 4] of the step tokens at `block`; `prompt_lens` is per token."""
         rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens)
-        return router_features(scores, rank, positions, self.sparsity[block], self.max_position)
+        return router_features(scores, rank, positions, prompt_lens, self.sparsity[block])
 
     def block_logits(
         self,
         block: int,
         scores: Tensor,
         positions: Tensor,
+        prompt_lens: Tensor,
         cu_seqlens: Tensor,
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Router logits [T] of the step tokens at `block`, given their scores (and the past's)."""
-        raw = self.block_features(block, scores, positions, cu_seqlens, past_scores, past_cu_seqlens)
+        raw = self.block_features(block, scores, positions, prompt_lens, cu_seqlens, past_scores, past_cu_seqlens)
         return self.mlp((raw - self.feature_mean[block]) / self.feature_std[block])
 
     def keep(self, block: int, logits: Tensor, positions: Tensor, prompt_lens: Tensor) -> Tensor:

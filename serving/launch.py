@@ -21,11 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
+from ftp_vllm.server_process import wait_healthy
 from ftp_vllm.vllm_args import ftp_architecture
 
 GiB = 1 << 30
@@ -85,19 +84,6 @@ def vllm_command(model_arg: str, router: str | None, host: str, port: int, extra
     return cmd + extra, env
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(1)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a known model name or a model folder")
@@ -130,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         name = args.model if args.model in KNOWN_MODELS else cmd[2]
         body = json.dumps({"model": name, "prompt": "The capital of France is", "max_tokens": 16})
         print(f"\nlaunch: ready at {base}/v1  (Ctrl-C stops it)", flush=True)
-        print(f"launch: curl {base}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n", flush=True)
+        auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if has_flag(extra, "--api-key") or os.environ.get("VLLM_API_KEY") else ""
+        print(f"launch: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n", flush=True)
     elif proc.poll() is None:
         print(f"launch: error: no answer from {base}/health after {args.ready_timeout:.0f} s; stopping", file=sys.stderr)
         proc.terminate()

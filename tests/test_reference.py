@@ -11,6 +11,8 @@ from ftp_vllm.reference import (
     static_keep,
 )
 
+from ftp_vllm.router import calibrate_threshold
+
 from .conftest import calibrated_router, packed_batch
 
 
@@ -75,10 +77,11 @@ def test_prompt_then_decode_equals_token_by_token(tiny):
     ids, cu = packed_batch([40], seed=3)
     prompt = torch.tensor([30])
     # Put the decode thresholds of the routed blocks mid-way through this
-    # continuation's logits, so that the decode rule both keeps and skips.
+    # continuation's logits (between two of them: float noise must not flip
+    # a decision), so that the decode rule both keeps and skips.
     logits = tiny(ids, cu, prompt, router=router).router_logits
     for b in (1, 2):
-        router.threshold_decode[b] = logits[b, 31:].median()
+        router.threshold_decode[b] = calibrate_threshold(logits[b, 31:], 0.5)
     full = tiny(ids, cu, prompt, router=router)
     assert not full.keep[1:3, 31:].all() and full.keep[1:3, 31:].any()
     for n in range(30, 41):

@@ -73,10 +73,12 @@ def test_key_score_definition_and_rotated_cache():
     torch.testing.assert_close(R.key_scores(rotate(k, cos, sin), rotated_q), expected)
 
 
-def test_position_feature():
-    pos = torch.tensor([0, 1, 2047])
-    f = R.position_feature(pos, 2047)
-    assert f[0] == 0 and f[-1] == pytest.approx(1.0) and (f.diff() > 0).all()
+def test_position_feature_is_relative_to_the_prompt():
+    """0 at the first token, 1 at the prompt's last and on every decode token, whatever the length."""
+    pos = torch.tensor([0, 2, 4, 5, 6, 0, 50, 100])
+    lens = torch.tensor([5, 5, 5, 5, 5, 101, 101, 101])
+    assert R.position_feature(pos, lens).tolist() == [0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0]
+    assert R.position_feature(torch.tensor([0, 1]), torch.tensor([1, 1])).tolist() == [0.0, 1.0]
 
 
 def test_static_router_keep():
@@ -95,7 +97,7 @@ def test_keep_rule_always_keeps_first_and_last_prompt_token():
 
 
 def test_keep_rule_prompt_and_decode_thresholds_and_zero_targets():
-    router = R.Router(2, 1, 4, 128)
+    router = R.Router(2, 1, 4)
     router.set_schedule([0.0, 0.5], [0.5, 0.0])
     router.threshold_prompt.fill_(10.0)
     router.threshold_decode.fill_(10.0)
@@ -136,9 +138,9 @@ def test_router_mlp_is_the_linear_stack_and_batch_invariant():
 
 
 def test_router_state_dict_round_trip():
-    a = R.Router(3, 2, 4, 100)
+    a = R.Router(3, 2, 4)
     a.set_schedule([0.0, 0.2, 0.4], [0.0, 0.1, 0.0])
-    b = R.Router(3, 2, 4, 100)
+    b = R.Router(3, 2, 4)
     b.load_state_dict(a.state_dict())
     assert b.is_dense(0) and not b.is_dense(1) and b._targets == a._targets
 
@@ -146,11 +148,12 @@ def test_router_state_dict_round_trip():
 def test_block_logits_split_independent():
     """What a vLLM layer computes from (cached past scores, step scores) equals the whole pass."""
     torch.manual_seed(0)
-    router = R.Router(2, 2, 4, 512)
+    router = R.Router(2, 2, 4)
     router.set_schedule([0.0, 0.3])
     keys = torch.randn(25, 2, 4)
     router.mean_query[1] = torch.randn(2, 4)
     scores = router.block_scores(1, keys)
-    whole = router.block_logits(1, scores, torch.arange(25), torch.tensor([0, 25]))
-    step = router.block_logits(1, scores[17:], torch.arange(17, 25), torch.tensor([0, 8]), scores[:17], torch.tensor([0, 17]))
+    whole = router.block_logits(1, scores, torch.arange(25), torch.full((25,), 20), torch.tensor([0, 25]))
+    step = router.block_logits(1, scores[17:], torch.arange(17, 25), torch.full((8,), 20), torch.tensor([0, 8]),
+                               scores[:17], torch.tensor([0, 17]))
     assert torch.equal(step, whole[17:])

@@ -5,7 +5,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ftp_vllm.server_process import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.engine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+API_KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,8 @@ def server(real_model, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "server.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--enforce-eager"],
+        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--enforce-eager",
+         "--api-key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 600
@@ -48,7 +47,7 @@ def server(real_model, tmp_path_factory):
 def test_openai_client_completions_chat_streaming(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="unused")
+    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=API_KEY)
     assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
     done = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
                                      max_tokens=8, temperature=0)
@@ -66,13 +65,24 @@ def test_openai_client_completions_chat_streaming(server):
     assert len(pieces) > 2 and "".join(pieces) == chat.choices[0].message.content
 
 
+def test_api_key_passes_through_the_launcher(server):
+    import requests
+
+    url = f"http://127.0.0.1:{server['port']}/v1/models"
+    assert requests.get(url, timeout=30).status_code == 401
+    assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).status_code == 200
+
+
 def test_readme_curl_examples_work_as_written(server):
+    """The README's curl lines, as written (this server also wants the API key)."""
     readme = (ROOT / "README.md").read_text()
     commands = [m.replace("\\\n", " ") for m in re.findall(r"^(curl .+?)(?<!\\)$", readme, flags=re.M | re.S)]
     assert len(commands) >= 3
     for cmd in commands:
         cmd = cmd.replace("127.0.0.1:8000", f"127.0.0.1:{server['port']}")
-        out = subprocess.run(shlex.split(cmd) + ["--fail", "--silent", "--show-error"],
+        auth = ["-H", f"Authorization: Bearer {API_KEY}"]
+        out = subprocess.run(shlex.split(cmd) + auth + ["--fail", "--silent", "--show-error"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"{cmd}\n{out.stderr}"
         assert '"choices"' in out.stdout or "data: " in out.stdout, out.stdout[:500]
@@ -93,36 +103,17 @@ SHIPPED_ROUTER = "smollm2-135m-instruct-s30"
 
 @pytest.fixture(scope="module")
 def routed_server(real_model, tmp_path_factory):
-    """`vllm serve` itself, as a user types it, with the shipped 30% router."""
-    port = free_port()
+    """`vllm serve` itself, as a user types it, with the shipped 30% router (float32, so
+    that a request's output does not depend on its batch neighbours)."""
+    from ftp_vllm.server_process import vllm_server
+
     folder = tmp_path_factory.mktemp("routed-serve")
     stats = folder / "stats.json"
-    log = (folder / "server.log").open("w+")
-    env = {**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "vllm"), "serve", "smollm2-135m-instruct", "--ftp-router", SHIPPED_ROUTER,
-         "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(1 << 30)],
-        stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    import urllib.request
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(2)
-    log.seek(0)
-    assert proc.poll() is None, log.read()[-4000:]
-    yield {"port": port, "stats": stats, "log": log}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = ["smollm2-135m-instruct", "--ftp-router", SHIPPED_ROUTER, "--dtype", "float32",
+            "--kv-cache-memory-bytes", str(1 << 30)]
+    env = {"FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1"}
+    with vllm_server(args, folder / "server.log", env) as server:
+        yield {"port": server.port, "stats": stats, "log": server.log_path, "server": server}
 
 
 def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
@@ -168,7 +159,7 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     print(f"realised prompt sparsity on 16 held-out prompts ({tokens} tokens): {realised:.4f}, "
           f"target {config['target_sparsity']}")
     assert abs(realised - config["target_sparsity"]) <= 0.02, realised
-    assert "FTP realised sparsity" in Path(routed_server["log"].name).read_text()
+    assert "FTP realised sparsity" in Path(routed_server["log"]).read_text()
 
 
 def test_ftp_endpoints_and_metrics(routed_server):
@@ -188,3 +179,137 @@ def test_ftp_endpoints_and_metrics(routed_server):
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert "ftp_prompt_sparsity " in metrics and 'ftp_prompt_kept_tokens_total{block="5"}' in metrics
     assert "vllm:" in metrics
+
+
+MODEL = "smollm2-135m-instruct"
+
+
+def test_openai_client_options(routed_server):
+    """n>1, stop strings, logprobs and echo (prompt logprobs) through the official client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{routed_server['port']}/v1", api_key="unused")
+    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, n=3,
+                                      temperature=1.0, seed=7)
+    assert len(many.choices) == 3 and len({c.text for c in many.choices}) > 1
+    full = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
+    stop = full.choices[0].text.strip()[:4][-1:]  # a character the greedy answer contains
+    cut = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert full.choices[0].text.startswith(cut.choices[0].text)
+    scored = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                       temperature=0, logprobs=3)
+    lp = scored.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) >= 1 for top in lp.top_logprobs)
+    echo = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=1,
+                                     temperature=0, logprobs=1, echo=True)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith("The capital of France is Paris")
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == echo.usage.prompt_tokens + 1
+
+
+def test_bad_input_gets_4xx_and_server_keeps_serving(routed_server):
+    import requests
+
+    url = f"http://127.0.0.1:{routed_server['port']}/v1/completions"
+    good = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    reference = requests.post(url, json=good, timeout=120).json()["choices"][0]["text"]
+    long_prompt = list(range(100, 100 + 9000))  # token ids: longer than the 8,192-token context
+    bad = {
+        "malformed JSON": dict(data=b'{"model": "x", "prompt": ', headers={"Content-Type": "application/json"}),
+        "invalid UTF-8": dict(data=b'{"model": "' + MODEL.encode() + b'", "prompt": "\xff\xfe\xfd"}',
+                              headers={"Content-Type": "application/json"}),
+        "prompt longer than the context": dict(json={**good, "prompt": long_prompt}),
+        "negative max_tokens": dict(json={**good, "max_tokens": -5}),
+        "huge max_tokens": dict(json={**good, "max_tokens": 10**9}),
+        "unknown model": dict(json={**good, "model": "no-such-model"}),
+    }
+    for what, kwargs in bad.items():
+        r = requests.post(url, timeout=120, **kwargs)
+        assert 400 <= r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
+        assert r.text.strip(), f"{what}: empty error body"
+        again = requests.post(url, json=good, timeout=120)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == reference, what
+
+
+def test_disconnect_and_cancel_leave_other_requests_intact(routed_server):
+    """A client that drops a stream and one that cancels a request in flight: the server keeps
+    serving and concurrent requests get the same output as when sent alone."""
+    import asyncio
+
+    import requests
+    from openai import AsyncOpenAI
+
+    base = f"http://127.0.0.1:{routed_server['port']}/v1"
+    prompts = [f"Write a short list of {n} fruits:" for n in (3, 4, 5, 6)]
+    alone = [requests.post(f"{base}/completions", timeout=120, json={
+        "model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
+
+    # dropped stream: read a few chunks, then close the connection
+    with requests.post(f"{base}/completions", stream=True, timeout=120, json={
+            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(3)]
+
+    async def run():
+        client = AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+        doomed = asyncio.create_task(client.completions.create(
+            model=MODEL, prompt="Tell me another long story.", max_tokens=400, extra_body={"ignore_eos": True}))
+        others = [asyncio.create_task(client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0))
+                  for p in prompts]
+        await asyncio.sleep(1.0)
+        doomed.cancel()
+        return await asyncio.gather(*others)
+
+    together = asyncio.run(run())
+    assert [c.choices[0].text for c in together] == alone
+    health = requests.get(f"http://127.0.0.1:{routed_server['port']}/health", timeout=30)
+    assert health.status_code == 200
+
+
+def test_lm_eval_local_completions_loglikelihood(routed_server, real_model, tmp_path):
+    """lm-eval's `local-completions` model scores a small local multiple-choice task (held-out
+    next-sentence cloze items) by log-likelihood through the FTP server's prompt logprobs."""
+    from transformers import AutoTokenizer
+
+    from ftp_vllm import texts
+    from ftp_vllm.evaluation import cloze_items
+
+    tok = AutoTokenizer.from_pretrained(real_model)
+    items = cloze_items(tok, texts.documents("evaluation"), 40, seed=1)
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"context": tok.decode(i.context), "choices": [tok.decode(c) for c in i.candidates],
+                                        "label": i.answer}) + "\n" for i in items))
+    (tmp_path / "ftp_cloze.yaml").write_text(f"""task: ftp_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""")
+    base = f"http://127.0.0.1:{routed_server['port']}/v1/completions"
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "local-completions",
+         "--model_args", f"model={MODEL},base_url={base},tokenizer={real_model},tokenizer_backend=huggingface,"
+                         "num_concurrent=4,max_retries=1",
+         "--tasks", "ftp_cloze", "--include_path", str(tmp_path), "--output_path", str(out)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    acc = results["results"]["ftp_cloze"]["acc,none"]
+    print(f"lm-eval ftp_cloze acc over {len(items)} items: {acc:.3f}")
+    assert results["n-samples"]["ftp_cloze"]["effective"] == len(items) == 40
+    assert acc > 0.25 + 0.1, "above chance by a margin: the log-likelihoods carry signal"

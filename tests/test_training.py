@@ -78,3 +78,18 @@ def test_train_mode_keeps_tokens_of_a_kind_with_zero_target(tiny_llama_ref):
     out = tiny_llama_ref(ids, cu, prompt_lens, router=router, mode="train")
     continuation = torch.cat([torch.arange(16, 24), torch.arange(40, 48)])
     assert out.keep[:, continuation].all() and not out.keep[1, 1:15].any()
+
+
+def test_fit_guide_reproduces_the_static_router(tiny_llama_ref):
+    """The warm start: after fitting the guide loss alone, calibrated thresholds give the
+    static router's decisions (keep the most recent tokens) on almost every token."""
+    from ftp_vllm.reference import calibrate_router_thresholds
+    from ftp_vllm.train import fit_guide
+
+    router, ids, cu, calib = calibrated_router(tiny_llama_ref, TARGETS, lengths=(48, 48, 48))
+    static = static_keep(cu, TARGETS)
+    before = (calib.keep == static)[1:3].float().mean()
+    loss = fit_guide(tiny_llama_ref, router, ids, cu, steps=300)
+    out = calibrate_router_thresholds(tiny_llama_ref, router, ids, cu)
+    after = (out.keep == static)[1:3].float().mean()
+    assert loss < 0.1 and after > 0.95 and after > before, (loss, float(before), float(after))

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ftp_vllm.vllm_args import apply_ftp_args
 
@@ -19,7 +18,7 @@ def make_router(model_folder: str, out: Path, keep_all: bool = False) -> Path:
     config = json.loads((Path(model_folder) / "config.json").read_text())
     heads = config["num_attention_heads"]
     router = Router(config["num_hidden_layers"], config["num_key_value_heads"],
-                    config.get("head_dim") or config["hidden_size"] // heads, config["max_position_embeddings"])
+                    config.get("head_dim") or config["hidden_size"] // heads)
     router.set_schedule([0.0] + [0.3] * (config["num_hidden_layers"] - 1))
     if keep_all:
         router.threshold_prompt.fill_(float("-inf"))

@@ -140,7 +140,7 @@ class RoutingState(nn.Module):
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         past = self.score_cache[block, step.past_slots]
-        logits = router.block_logits(block, scores, positions, step.cu_seqlens, past, step.past_cu_seqlens)
+        logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past, step.past_cu_seqlens)
         keep = router.keep(block, logits, positions, step.prompt_lens)
         self.score_cache[block, step.slots] = scores
         is_prompt = positions < step.prompt_lens

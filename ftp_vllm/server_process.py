@@ -1,0 +1,81 @@
+"""A `vllm serve` process for tests and benchmarks: start on a free loopback port,
+wait for `/health`, stop with SIGTERM and make sure no engine process is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+@contextmanager
+def vllm_server(args: list[str], log_path: str | Path, env: dict | None = None, timeout: float = 900) -> Iterator[Server]:
+    """`vllm serve ARGS --host 127.0.0.1 --port FREE`, as a user would type it; the engine's
+    threads are bound to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise."""
+    import psutil
+
+    port = free_port()
+    log_path = Path(log_path)
+    env = {**os.environ, **(env or {})}
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    vllm = Path(sys.executable).parent / "vllm"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(vllm), "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(port, proc, log_path)
+    try:
+        if not wait_healthy(proc, f"{server.base_url}/health", timeout):
+            raise RuntimeError(f"vllm serve did not become healthy (exit code {proc.poll()}):\n{server.log()[-4000:]}")
+        yield server
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in psutil.wait_procs(children, timeout=30)[1]:
+            child.kill()
