@@ -42,7 +42,8 @@ def _add_train_parser(sub) -> None:
                    help="overall decode-token sparsity (default: the prompt schedule)")
     for name, help_ in [
         ("steps", "router training steps"), ("seed", "seed of data order, search and initialisation"),
-        ("lr", "router learning rate"), ("chunk_len", "tokens per text chunk"),
+        ("lr", "router learning rate"), ("train_batch", "chunks per training step"),
+        ("guide_fit_steps", "warm-start steps on the guide loss"), ("chunk_len", "tokens per text chunk"),
         ("context", "routed prompt tokens of a scored chunk; the rest is the continuation"),
         ("search_chunks", "calibration chunks scored by the schedule search"),
         ("calib_chunks", "calibration chunks for router inputs and thresholds"),
@@ -53,6 +54,8 @@ def _add_train_parser(sub) -> None:
     ]:
         default = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{help_} ({default})")
+    p.add_argument("--gate", choices=["calibrated", "fixed"], default=defaults.gate,
+                   help="training gate: thresholds calibrated to the targets on every step, or p > 0.5 (calibrated)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_train)
 

@@ -108,26 +108,51 @@ def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list
 
 @dataclass
 class SkipCounter:
-    """Token-block computations skipped and run, for prompt and decode tokens."""
+    """Token-block computations skipped and run, per block, for prompt and decode tokens."""
 
     skipped: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
     total: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
+    per_block: dict = field(default_factory=dict)  # kind -> [B] tokens skipped; tokens per block in `tokens`
+    tokens: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
+
+    @classmethod
+    def of(cls, keep: Tensor, prompt: Tensor) -> SkipCounter:
+        counter = cls()
+        counter.add(keep, prompt)
+        return counter
 
     def add(self, keep: Tensor, prompt: Tensor) -> None:
         """keep [B, T] bool; prompt [T] bool."""
         for kind, mask in (("prompt", prompt), ("decode", ~prompt)):
-            self.skipped[kind] += int((~keep[:, mask]).sum())
+            skipped = (~keep[:, mask]).sum(-1).tolist()
+            self.skipped[kind] += sum(skipped)
             self.total[kind] += keep.shape[0] * int(mask.sum())
+            self.tokens[kind] += int(mask.sum())
+            self.per_block[kind] = [a + b for a, b in zip(self.per_block.get(kind, [0] * len(skipped)), skipped)]
 
     def __add__(self, other: SkipCounter) -> SkipCounter:
-        return SkipCounter({k: v + other.skipped[k] for k, v in self.skipped.items()},
-                           {k: v + other.total[k] for k, v in self.total.items()})
+        kinds = ("prompt", "decode")
+        blocks = {k: [a + b for a, b in zip(self.per_block.get(k, other.per_block.get(k, [])),
+                                            other.per_block.get(k, [0] * len(self.per_block.get(k, []))))]
+                  for k in kinds if k in self.per_block or k in other.per_block}
+        return SkipCounter({k: self.skipped[k] + other.skipped[k] for k in kinds},
+                           {k: self.total[k] + other.total[k] for k in kinds}, blocks,
+                           {k: self.tokens[k] + other.tokens[k] for k in kinds})
 
     def share(self, kind: str | None = None) -> float | None:
         """Share skipped of `kind`'s token-block computations; None: of all of them."""
         kinds = ("prompt", "decode") if kind is None else (kind,)
         total = sum(self.total[k] for k in kinds)
         return sum(self.skipped[k] for k in kinds) / total if total else None
+
+    def report(self) -> dict:
+        """Per-block and mean skipped shares, prompt and decode apart (what a checkpoint records)."""
+        out = {}
+        for kind in ("prompt", "decode"):
+            n = self.tokens[kind]
+            per_block = [round(s / n, 4) for s in self.per_block.get(kind, [])] if n else []
+            out[kind] = {"per_block": per_block, "mean": round(self.share(kind), 4) if n else None}
+        return out
 
 
 # ---- continuation ----------------------------------------------------------------

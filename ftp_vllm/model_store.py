@@ -215,3 +215,31 @@ def prepare_model(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def write_pruned_model(source: str | Path, dropped: list[int], out: str | Path) -> Path:
+    """A copy of a Llama-family model folder without the decoder blocks in `dropped` (ShortGPT):
+    later blocks renumbered, `num_hidden_layers` lowered; tokenizer files copied as they are."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    source, out = Path(source), Path(out)
+    config = json.loads((source / "config.json").read_text())
+    kept = [b for b in range(config["num_hidden_layers"]) if b not in set(dropped)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for file in sorted(source.glob("*.safetensors")):
+        for name, tensor in load_file(str(file)).items():
+            m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+            if m is None:
+                tensors[name] = tensor
+            elif int(m.group(1)) in renumber:
+                tensors[f"model.layers.{renumber[int(m.group(1))]}.{m.group(2)}"] = tensor
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for file in source.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+            shutil.copy2(file, out / file.name)
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": len(kept)}, indent=2) + "\n")
+    return out

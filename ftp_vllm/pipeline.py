@@ -1,10 +1,16 @@
 """`ftp-vllm train`: from a base model to a router checkpoint.
 
 1. schedule search with the static router (the router does not exist yet);
-2. router inputs calibrated on a dense pass (mean queries, feature statistics);
+2. router inputs calibrated on a dense pass (mean queries, feature statistics),
+   and the MLP warm-started on the guide loss alone (`fit_guide`: the static
+   router's decisions);
 3. router training with the three losses, each chunk served as in evaluation (a
    routed prompt, then a continuation under the decode schedule), distilling
    the outputs a served request uses: the continuation's next-token predictions;
+   the training gate uses thresholds calibrated on each step (`gate`), as
+   serving will.  The trained MLP is kept only if its continuation KL on the
+   search text beats the warm start's (model selection on calibration text;
+   both figures go into the checkpoint);
 4. thresholds calibrated so each block's realised prompt and decode sparsity
    equal the schedule on calibration text;
 5. the schedule searched again with the trained router (fine-tuning the first
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .evaluation import SkipCounter
 from .model_store import resolve_model
 from .reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, static_keep
 from .schedule import (
@@ -42,14 +49,17 @@ class TrainSettings:
     sparsity: float
     out: str
     decode_sparsity: float | None = None  # None: decode follows the prompt schedule
-    steps: int = 48
+    steps: int = 24
     seed: int = 0
-    lr: float = 5e-3
+    lr: float = 1e-3
+    gate: str = "calibrated"  # training gate: "calibrated" thresholds or "fixed" p > 0.5
+    guide_fit_steps: int = 300
+    train_batch: int = 2  # chunks per training step
     temperature: float = 1.0
     guide_decay: float = 0.5
     chunk_len: int = 256
     context: int = 224  # prompt part of an evaluation chunk; the rest is the scored continuation
-    search_chunks: int = 2
+    search_chunks: int = 6
     calib_chunks: int = 16
     train_chunks: int = 48
     eval_chunks: int = 8
@@ -67,21 +77,11 @@ def _stage(log: dict, name: str, start: float) -> float:
     return now
 
 
-def realised(keep: torch.Tensor, is_prompt: torch.Tensor) -> dict:
-    """Per-block and mean share of prompt and decode token-block computations skipped."""
-    out = {}
-    for kind, mask in (("prompt", is_prompt), ("decode", ~is_prompt)):
-        per_block = (1 - keep[:, mask].float().mean(-1)).tolist() if mask.any() else []
-        out[kind] = {"per_block": [round(x, 4) for x in per_block],
-                     "mean": round(sum(per_block) / len(per_block), 4) if per_block else None}
-    return out
-
-
 def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict]:
     """Run the whole pipeline; returns the checkpoint folder and its config."""
     from transformers import AutoTokenizer
 
-    from .train import train_router
+    from .train import fit_guide, train_router
 
     s = settings
     t0 = start = time.perf_counter()
@@ -107,12 +107,26 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     router = model.new_router()
     router.set_schedule(static.schedule, decode_of(static.schedule))
     calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
-    start = _stage(stages, "input_calibration", start)
+    guide_fit = fit_guide(model, router, calib_text.input_ids, calib_text.cu_seqlens, calib_text.prompt_lens,
+                          steps=s.guide_fit_steps, seed=s.seed)
+    start = _stage(stages, "input_calibration_and_warm_start", start)
 
+    warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
     batches = [(b.input_ids, b.cu_seqlens, b.scored, b.prompt_lens)
-               for b in (ContinuationBatch.of(chunk[None], s.context) for chunk in train_text)]
+               for b in (ContinuationBatch.of(train_text[i:i + s.train_batch], s.context)
+                         for i in range(0, len(train_text), s.train_batch))]
     history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
-                           guide_decay=s.guide_decay, progress=s.progress)
+                           guide_decay=s.guide_decay, progress=s.progress,
+                           mode="train-calibrated" if s.gate == "calibrated" else "train")
+    fitness = router_fitness(model, router, search_text, decode_of)
+    trained_kl = fitness(static.schedule)
+    trained = {k: v.clone() for k, v in router.mlp.state_dict().items()}
+    router.mlp.load_state_dict(warm)
+    warm_kl = fitness(static.schedule)
+    chosen = "trained" if trained_kl < warm_kl else "warm start"
+    router.mlp.load_state_dict(trained if chosen == "trained" else warm)
+    selection = {"search_text_continuation_kl": {"warm start": round(warm_kl, 5), "trained": round(trained_kl, 5)},
+                 "kept": chosen, "guide_fit_loss": round(guide_fit, 5)}
     start = _stage(stages, "training", start)
 
     tuned = genetic_search(router_fitness(model, router, search_text, decode_of), B, s.sparsity,
@@ -137,8 +151,8 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         "feature_normalisation": {"features": ["position", "attention score", "rank", "sparsity"],
                                   "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
         "realised_sparsity": {
-            "calibration_text (thresholds fitted here)": realised(calib_out.keep, is_prompt_cal),
-            "evaluation_text (held out)": realised(eval_keep, _is_prompt(eval_text)),
+            "calibration_text (thresholds fitted here)": SkipCounter.of(calib_out.keep, is_prompt_cal).report(),
+            "evaluation_text (held out)": SkipCounter.of(eval_keep, _is_prompt(eval_text)).report(),
         },
         "quality": quality,
         "search": {
@@ -159,6 +173,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                                 "training": len(train_text), "evaluation": s.eval_chunks,
                                 "tokens_per_chunk": s.chunk_len}},
             "loss": loss_summary(history),
+            "selection": selection,
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "stage_wall_time_s": stages,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
@@ -223,6 +238,8 @@ def format_summary(folder: Path, config: dict) -> str:
         f"realised on held-out text:    prompt {ev['prompt']['mean']}, decode {ev['decode']['mean']}",
         "training loss (first -> last tenth): " + ", ".join(
             f"{k} {v['first']} -> {v['last']}" for k, v in config["training"]["loss"].items()),
+        "router kept: {kept} (search-text continuation KL: warm start {w}, trained {t})".format(
+            kept=config["training"]["selection"]["kept"], **dict(zip("wt", config["training"]["selection"]["search_text_continuation_kl"].values()))),
         "schedule search fitness (calibration KL): static "
         f"{config['search']['static_router']['fitness']:.4f} (uniform {config['search']['static_router']['uniform_fitness']:.4f}), "
         f"trained router {config['search']['trained_router']['fitness']:.4f} "

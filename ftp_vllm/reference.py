@@ -112,7 +112,9 @@ class RoutedModel(nn.Module):
         decides with `mode`: "threshold" (serving rule), "topk" (prompt: top-k per request
         at the block's sparsity), "calibrate" (set this pass's thresholds to hit the targets
         exactly, block after block, then apply them), "train" (straight-through soft gate
-        at p > 0.5 with `temperature`).  No keep and no router: dense.
+        at p > 0.5 with `temperature`), "train-calibrated" (the same gate at thresholds
+        calibrated on this pass's logits, as serving will: every step realises the targets
+        exactly and training shapes only the ranking of tokens).  No keep and no router: dense.
         logits_at: token indices whose logits to compute (the LM head over a 49k vocabulary
         costs as much as several blocks); default all.
         """
@@ -152,13 +154,21 @@ class RoutedModel(nn.Module):
 
     @staticmethod
     def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "Tokens"):
-        if mode == "train":  # as in serving, a kind of token (prompt, decode) with target 0 is always kept
+        if mode in ("train", "train-calibrated"):  # a kind of token with target 0 is always kept, as served
             always = tok.always
-            if router.sparsity[b].item() == 0:
+            prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
+            if prompt_target == 0:
                 always = always | tok.is_prompt
-            if router.decode_sparsity[b].item() == 0:
+            if decode_target == 0:
                 always = always | ~tok.is_prompt
-            return R.soft_gate(logits, always, 0.0, temperature)
+            threshold = 0.0
+            if mode == "train-calibrated":
+                p, d = tok.is_prompt, ~tok.is_prompt
+                detached = logits.detach()
+                tp = R.calibrate_threshold(detached[p], prompt_target, tok.always[p]) if p.any() else 0.0
+                td = R.calibrate_threshold(detached[d], decode_target, tok.always[d]) if d.any() else 0.0
+                threshold = torch.where(p, torch.tensor(tp), torch.tensor(td))
+            return R.soft_gate(logits, always, threshold, temperature)
         if mode == "calibrate":
             p, d = tok.is_prompt, ~tok.is_prompt
             prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()

@@ -101,3 +101,20 @@ def test_launcher_bad_model_is_one_clear_line(model, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert model in lines[0] and "launch: error:" in lines[0]
+
+
+def test_pruned_model_equals_dropping_blocks_in_the_reference(tiny_llama, tiny_llama_ref, tmp_path):
+    """ShortGPT's pruned folder computes what the reference does with those blocks skipped."""
+    import torch
+
+    from ftp_vllm.model_store import write_pruned_model
+    from ftp_vllm.reference import RoutedModel, shortgpt_keep
+
+    from .conftest import packed_batch
+
+    pruned = RoutedModel.from_pretrained(write_pruned_model(tiny_llama, [1, 2], tmp_path / "pruned"))
+    assert pruned.num_blocks == 2
+    ids, cu = packed_batch([20, 11])
+    expected = tiny_llama_ref(ids, cu, keep=shortgpt_keep(4, len(ids), [1, 2])).logits
+    torch.testing.assert_close(pruned(ids, cu).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "pruned" / "tokenizer.json").exists() or (tmp_path / "pruned" / "tokenizer_config.json").exists()

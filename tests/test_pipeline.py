@@ -19,6 +19,8 @@ def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert config["target_sparsity"] == 0.3 and config["decode_target_sparsity"] == 0.15
     assert config["training"]["command"].startswith("ftp-vllm train --model")
     assert len(config["training"]["loss"]) == 4 and config["quality"]["routed"]["ppl_ratio_to_dense"] > 0
+    selection = config["training"]["selection"]
+    assert selection["kept"] in ("trained", "warm start") and set(selection["search_text_continuation_kl"]) == {"warm start", "trained"}
     cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
     assert abs(cal["prompt"]["mean"] - 0.3) < 0.05 and abs(cal["decode"]["mean"] - 0.15) < 0.1
 

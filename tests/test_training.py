@@ -93,3 +93,16 @@ def test_fit_guide_reproduces_the_static_router(tiny_llama_ref):
     out = calibrate_router_thresholds(tiny_llama_ref, router, ids, cu)
     after = (out.keep == static)[1:3].float().mean()
     assert loss < 0.1 and after > 0.95 and after > before, (loss, float(before), float(after))
+
+
+def test_calibrated_training_gate_realises_the_targets_on_every_pass(tiny_llama_ref):
+    """"train-calibrated": whatever the MLP's offset, hard decisions skip the targets' share
+    of free tokens, so training shapes the ranking, not the rate."""
+    for bias in (-20.0, 0.0, 20.0):
+        router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(40, 40))
+        with torch.no_grad():
+            router.mlp.fc2.bias.add_(bias)
+        out = tiny_llama_ref(ids, cu, router=router, mode="train-calibrated")
+        skipped = 1 - out.keep.float().mean(1)
+        assert torch.allclose(skipped, torch.tensor([0.0, 32 / 80, 32 / 80, 0.0])), skipped
+        assert out.keep_prob.requires_grad

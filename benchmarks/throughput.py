@@ -1,0 +1,358 @@
+"""Offline throughput of stock vLLM and FTP on the same model, settings and cores.
+
+    python benchmarks/throughput.py --json results/throughput.json
+
+Methods: `dense` (the stock model), `ftp-keep-all` (the FTP class with a router
+whose thresholds keep every token: the routing overhead alone), `ftp` with each
+`--routers` router, and `shortgpt` (the model with round(s * B) blocks of lowest
+Block Influence removed, s the first router's target) - each in its own engine
+process, all alive at once, so that the workloads run interleaved: every
+repetition runs every method on the workload before the next workload starts.
+Workloads (`vllm bench throughput` style; real text, token ids of exact
+lengths, `ignore_eos`):
+
+  prompt-heavy   32 prompts x 512 tokens, 1 output token
+  decode-heavy   32 prompts x 64 tokens, 256 output tokens
+  mixed          32 prompts, lengths 64..512, outputs 16..128 (seeded)
+
+Figures are medians over `--repeats`; ratio_to_dense divides by the dense run
+of the same workload and mode.  FTP runs eager (routing does not run compiled
+yet), so dense runs in both modes: `eager` (like with like) and `compiled`
+(vLLM's default).  The ideal speed-up is a FLOP count of what a skipped token
+does not compute, with the realised per-block keep rates of the run: a kept
+token costs its block's projections, MLP and attention over its context; a
+skipped one costs its K/V projections only; the LM head runs for sampled
+positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOADS = ("prompt-heavy", "decode-heavy", "mixed")
+
+
+# ---- workloads ----------------------------------------------------------------
+
+def workload(name: str, tokenizer, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output tokens) per request."""
+    from ftp_vllm import texts
+
+    ids = tokenizer(" ".join(texts.documents("evaluation")), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+
+    def prompt(n):
+        start = rng.randrange(len(ids) - n)
+        return ids[start:start + n]
+
+    if name == "prompt-heavy":
+        return [(prompt(512), 1) for _ in range(32)]
+    if name == "decode-heavy":
+        return [(prompt(64), 256) for _ in range(32)]
+    if name == "mixed":
+        return [(prompt(rng.randint(64, 512)), rng.randint(16, 128)) for _ in range(32)]
+    raise ValueError(name)
+
+
+# ---- one engine per process -------------------------------------------------------
+
+def worker(spec: dict) -> None:
+    """Engine process: load once, then run workloads named on stdin, answering with JSON."""
+    os.environ.update(spec.get("env", {}))
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**spec["llm"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    stats_path = spec.get("env", {}).get("FTP_VLLM_STATS")
+    print("READY", flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        requests = workload(name, tokenizer)
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+        prompts = [{"prompt_token_ids": p} for p, _ in requests]
+        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        before = _stats(stats_path)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        time.sleep(1.2 if stats_path else 0)  # the stats file is rewritten every second
+        after = _stats(stats_path)
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        in_tokens = sum(len(p) for p, _ in requests)
+        print("RESULT " + json.dumps({
+            "wall_s": wall, "requests": len(requests), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+            "keep_rates": _keep_rates(before, after),
+        }), flush=True)
+
+
+def _stats(path):
+    if not path or not Path(path).exists():
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def _keep_rates(before, after):
+    """Per block (prompt kept share, decode kept share) over this run, from the FTP counters."""
+    if not after:
+        return None
+    rows = []
+    for a, b in zip(after["per_block"], before["per_block"] if before else [None] * len(after["per_block"])):
+        d = {k: a[k] - (b[k] if b else 0) for k in ("prompt_kept", "prompt_total", "decode_kept", "decode_total")}
+        rows.append((d["prompt_kept"] / d["prompt_total"] if d["prompt_total"] else 1.0,
+                     d["decode_kept"] / d["decode_total"] if d["decode_total"] else 1.0))
+    return rows
+
+
+class Engine:
+    def __init__(self, spec: dict, log: Path):
+        self.spec = spec
+        self.log = log.open("w")
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        raise RuntimeError(f"engine {self.spec['name']} exited; see {self.log.name}")
+
+    def run(self, name: str) -> dict:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("RESULT"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+# ---- FLOP model ---------------------------------------------------------------------
+
+def ideal_speedup(config: dict, requests: list[tuple[list[int], int]], keep_rates, layers: int | None = None) -> float:
+    """Dense FLOPs / routed FLOPs for the workload, with per-block keep rates (prompt, decode)."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    d = config.get("head_dim") or h // heads
+    vocab, blocks = config["vocab_size"], config["num_hidden_layers"]
+    kv_proj = 2 * h * kv * d
+    rest = h * heads * d + heads * d * h + 3 * h * inter  # q, o, MLP
+
+    def cost(rates, n_blocks):
+        total = 0.0
+        for prompt, out in requests:
+            n_in = len(prompt)
+            ctx_prompt = n_in * (n_in + 1) / 2  # summed context lengths of prompt tokens
+            ctx_decode = sum(n_in + i for i in range(out - 1))
+            for b in range(n_blocks):
+                kp, kd = rates[b] if rates else (1.0, 1.0)
+                total += kv_proj * (n_in + out - 1)
+                total += kp * (rest * n_in + 2 * heads * d * ctx_prompt)
+                total += kd * (rest * (out - 1) + 2 * heads * d * ctx_decode)
+            total += vocab * h * out
+        return total
+
+    return cost(None, blocks) / cost(keep_rates, layers if layers is not None else blocks)
+
+
+# ---- orchestration ---------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--routers", nargs="*", default=["smollm2-135m-instruct-s20", "smollm2-135m-instruct-s30",
+                                                    "smollm2-135m-instruct-s40"])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--methods", nargs="+", default=["dense", "dense-compiled", "ftp-keep-all", "ftp", "shortgpt"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", dest="json_out")
+    p.add_argument("--plot", help="PNG path (default: next to --json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+    from ftp_vllm.model_store import resolve_model, write_pruned_model
+
+    folder = resolve_model(args.model)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    work = Path(tempfile.mkdtemp(prefix="ftp-throughput-"))
+    base = {"model": str(folder), "tokenizer": str(folder), "dtype": args.dtype, "seed": 0,
+            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni"}
+    ftp_class = {"architectures": ["FTPLlamaForCausalLM"]}
+    specs = []
+    if "dense" in args.methods:
+        specs.append({"name": "dense", "method": "dense", "router": None, "mode": "eager", "sparsity": 0.0,
+                      "llm": {**base, "enforce_eager": True}})
+    if "dense-compiled" in args.methods:
+        specs.append({"name": "dense-compiled", "method": "dense", "router": None, "mode": "compiled", "sparsity": 0.0,
+                      "llm": {**base}})
+    if "ftp-keep-all" in args.methods:
+        router, ckpt = load_checkpoint(resolve_router(args.routers[0]))
+        router.threshold_prompt.fill_(float("-inf"))
+        router.threshold_decode.fill_(float("-inf"))
+        keep_all = save_checkpoint(work / "keep-all", router, {"base_model": fingerprint(folder)})
+        specs.append({"name": "ftp-keep-all", "method": "ftp-keep-all", "router": None, "mode": "eager", "sparsity": 0.0,
+                      "llm": {**base, "enforce_eager": True, "hf_overrides": {**ftp_class, "ftp_router": str(keep_all)}},
+                      "env": {"FTP_VLLM_STATS": str(work / "keep-all.json"), "FTP_VLLM_STATS_INTERVAL": "1"}})
+    if "ftp" in args.methods:
+        for name in args.routers:
+            path = resolve_router(name)
+            target = load_checkpoint(path)[1]["target_sparsity"]
+            specs.append({"name": f"ftp {name}", "method": "ftp", "router": name, "mode": "eager", "sparsity": target,
+                          "llm": {**base, "enforce_eager": True, "hf_overrides": {**ftp_class, "ftp_router": str(path)}},
+                          "env": {"FTP_VLLM_STATS": str(work / f"{name}.json"), "FTP_VLLM_STATS_INTERVAL": "1"}})
+    shortgpt_layers = None
+    if "shortgpt" in args.methods and args.routers:
+        from ftp_vllm.reference import RoutedModel, block_influence, shortgpt_blocks
+        from ftp_vllm.texts import token_chunks
+
+        target = load_checkpoint(resolve_router(args.routers[0]))[1]["target_sparsity"]
+        model = RoutedModel.from_pretrained(folder)
+        cal = token_chunks(tokenizer, "calibration", 256, 8, 0)
+        influence = block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
+        dropped = shortgpt_blocks(influence, round(target * model.num_blocks))
+        del model
+        pruned = write_pruned_model(folder, dropped, work / "shortgpt")
+        shortgpt_layers = config["num_hidden_layers"] - len(dropped)
+        specs.append({"name": "shortgpt", "method": "shortgpt", "router": None, "mode": "eager",
+                      "sparsity": len(dropped) / config["num_hidden_layers"], "dropped_blocks": dropped,
+                      "llm": {**base, "model": str(pruned), "enforce_eager": True}})
+
+    from tqdm.auto import tqdm
+
+    print(f"starting {len(specs)} engines (logs in {work})", flush=True)
+    engines = {s["name"]: Engine(s, work / f"{s['name'].replace(' ', '_')}.log") for s in tqdm(specs, desc="engines")}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    try:
+        total = args.repeats * len(args.workloads) * len(specs)
+        with tqdm(total=total, desc="runs") as bar:
+            for rep in range(args.repeats):
+                for wl in args.workloads:
+                    order = specs if rep % 2 == 0 else specs[::-1]  # alternate the order between repetitions
+                    for s in order:
+                        runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
+                        bar.update(1)
+    finally:
+        for e in engines.values():
+            e.close()
+
+    results = []
+    for wl in args.workloads:
+        requests = workload(wl, tokenizer)
+        dense_of = {}
+        for s in specs:
+            rs = runs[(wl, s["name"])]
+            wall = statistics.median(r["wall_s"] for r in rs)
+            r0 = rs[0]
+            row = {"workload": wl, "method": s["method"], "router": s["router"], "mode": s["mode"],
+                   "requests_per_s": r0["requests"] / wall,
+                   "total_tok_per_s": (r0["prompt_tokens"] + r0["output_tokens"]) / wall,
+                   "prompt_tok_per_s": r0["prompt_tokens"] / wall,
+                   "output_tok_per_s": r0["output_tokens"] / wall,
+                   "wall_s_runs": [round(r["wall_s"], 3) for r in rs]}
+            rates = rs[-1]["keep_rates"]
+            if s["method"] == "shortgpt":
+                row["sparsity"] = s["sparsity"]
+                row["ideal_speedup"] = ideal_speedup(config, requests, None, shortgpt_layers)
+                row["dropped_blocks"] = s["dropped_blocks"]
+            elif rates:
+                n = len(requests)
+                p_tok = sum(len(p) for p, _ in requests)
+                d_tok = sum(o - 1 for _, o in requests)
+                skipped = sum((1 - kp) * p_tok + (1 - kd) * d_tok for kp, kd in rates)
+                row["sparsity"] = skipped / (len(rates) * (p_tok + d_tok)) if n else 0.0
+                row["prompt_sparsity"] = sum(1 - kp for kp, _ in rates) / len(rates)
+                row["decode_sparsity"] = sum(1 - kd for _, kd in rates) / len(rates)
+                row["ideal_speedup"] = ideal_speedup(config, requests, rates)
+            else:
+                row["sparsity"] = 0.0
+                row["ideal_speedup"] = 1.0
+            if s["method"] == "dense":
+                dense_of[s["mode"]] = row
+            results.append(row)
+        for row in results:
+            if row["workload"] != wl:
+                continue
+            metric = "prompt_tok_per_s" if wl == "prompt-heavy" else "output_tok_per_s" if wl == "decode-heavy" else "total_tok_per_s"
+            for mode, dense in dense_of.items():
+                key = "ratio_to_dense" if mode == "eager" else f"ratio_to_dense_{mode}"
+                row[key] = row[metric] / dense[metric]
+            row["ratio_metric"] = metric
+            if "ratio_to_dense" in row and row.get("ideal_speedup"):
+                row["achieved_over_ideal"] = row["ratio_to_dense"] / row["ideal_speedup"]
+
+    print_table(results)
+    out = {"results": results, "settings": {"model": args.model, "dtype": args.dtype, "repeats": args.repeats,
+                                            "engine": {k: v for k, v in base.items() if k not in ("model", "tokenizer")},
+                                            "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
+           "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])}
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        plot(results, Path(args.plot or Path(args.json_out).with_suffix(".png")))
+    elif args.plot:
+        plot(results, Path(args.plot))
+    return 0
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| workload | method | router | mode | sparsity % | req/s | total tok/s | output tok/s | ratio to dense (eager) | ideal | achieved/ideal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['workload']} | {r['method']} | {r['router'] or ''} | {r['mode']} | {100 * r['sparsity']:.1f} | "
+              f"{r['requests_per_s']:.2f} | {r['total_tok_per_s']:.0f} | {r['output_tok_per_s']:.1f} | "
+              f"{r.get('ratio_to_dense', float('nan')):.3f} | {r.get('ideal_speedup', float('nan')):.2f} | "
+              f"{r.get('achieved_over_ideal', float('nan')):.2f} |")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    labels = list(dict.fromkeys(f"{r['method']}{' ' + r['router'].rsplit('-', 1)[-1] if r['router'] else ''} ({r['mode']})"
+                                for r in results))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        vals = []
+        for wl in workloads:
+            row = next((r for r in results if r["workload"] == wl and
+                        f"{r['method']}{' ' + r['router'].rsplit('-', 1)[-1] if r['router'] else ''} ({r['mode']})" == label), None)
+            vals.append(row.get("ratio_to_dense", 0) if row else 0)
+        ax.bar([w + i * width for w in range(len(workloads))], vals, width, label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([w + 0.4 - width / 2 for w in range(len(workloads))], workloads)
+    ax.set_ylabel("throughput / stock vLLM (eager)")
+    ax.set_title("Offline throughput relative to stock vLLM, same model and settings")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
