@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import BASE_ARCHITECTURES
-from .router import HIDDEN, Router
+from .router import HIDDEN, MIN_ROUTED_PROMPT, Router
 
 SCHEMA_VERSION = 2
 ROUTER_FILE = "router.safetensors"
@@ -126,6 +126,7 @@ def router_shape(router: Router) -> dict:
         "num_kv_heads": router.mean_query.shape[1],
         "head_dim": router.mean_query.shape[2],
         "hidden": router.mlp.fc1.out_features,
+        "min_prompt": router.min_prompt,
     }
 
 
@@ -189,7 +190,8 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
         raise CheckpointError(f"{folder / CONFIG_FILE}: schema version {found!r}, this ftp_vllm reads {SCHEMA_VERSION}")
     try:
         shape = config["router"]
-        router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape.get("hidden", HIDDEN))
+        router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape.get("hidden", HIDDEN),
+                        shape.get("min_prompt", MIN_ROUTED_PROMPT))
         base_layers = config["base_model"]["num_layers"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: missing field {e}") from None

@@ -55,6 +55,7 @@ class TrainSettings:
     gate: str = "calibrated"  # training gate: "calibrated" thresholds or "fixed" p > 0.5
     guide_fit_steps: int = 300
     train_batch: int = 2  # chunks per training step
+    min_prompt: int = 32  # shorter prompts are served dense
     temperature: float = 1.0
     guide_decay: float = 0.5
     chunk_len: int = 256
@@ -104,7 +105,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                             desc="schedule search (static router)", **search_args)
     start = _stage(stages, "static_search", start)
 
-    router = model.new_router()
+    router = model.new_router(min_prompt=s.min_prompt)
     router.set_schedule(static.schedule, decode_of(static.schedule))
     calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
     guide_fit = fit_guide(model, router, calib_text.input_ids, calib_text.cu_seqlens, calib_text.prompt_lens,

@@ -72,8 +72,8 @@ class RoutedModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self.layers)
 
-    def new_router(self) -> R.Router:
-        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim)
+    def new_router(self, min_prompt: int = R.MIN_ROUTED_PROMPT) -> R.Router:
+        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim, min_prompt=min_prompt)
 
     def qkv(self, block: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-rotary q [T, H, d], k and v [T, KV, d] of hidden states h at `block`."""
@@ -155,7 +155,7 @@ class RoutedModel(nn.Module):
     @staticmethod
     def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "Tokens"):
         if mode in ("train", "train-calibrated"):  # a kind of token with target 0 is always kept, as served
-            always = tok.always
+            always = router.always_keep(tok.positions, tok.prompt_lens)
             prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
             if prompt_target == 0:
                 always = always | tok.is_prompt
@@ -165,16 +165,18 @@ class RoutedModel(nn.Module):
             if mode == "train-calibrated":
                 p, d = tok.is_prompt, ~tok.is_prompt
                 detached = logits.detach()
-                tp = R.calibrate_threshold(detached[p], prompt_target, tok.always[p]) if p.any() else 0.0
-                td = R.calibrate_threshold(detached[d], decode_target, tok.always[d]) if d.any() else 0.0
+                forced = router.always_keep(tok.positions, tok.prompt_lens)
+                tp = R.calibrate_threshold(detached[p], prompt_target, forced[p]) if p.any() else 0.0
+                td = R.calibrate_threshold(detached[d], decode_target, forced[d]) if d.any() else 0.0
                 threshold = torch.where(p, torch.tensor(tp), torch.tensor(td))
             return R.soft_gate(logits, always, threshold, temperature)
         if mode == "calibrate":
             p, d = tok.is_prompt, ~tok.is_prompt
             prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
-            router.threshold_prompt[b] = R.calibrate_threshold(logits[p], prompt_target, tok.always[p])
+            forced = router.always_keep(tok.positions, tok.prompt_lens)
+            router.threshold_prompt[b] = R.calibrate_threshold(logits[p], prompt_target, forced[p])
             if d.any():
-                router.threshold_decode[b] = R.calibrate_threshold(logits[d], decode_target, tok.always[d])
+                router.threshold_decode[b] = R.calibrate_threshold(logits[d], decode_target, forced[d])
         elif mode not in ("threshold", "topk"):
             raise ValueError(f"unknown routing mode {mode!r}")
         keep = router.keep(b, logits, tok.positions, tok.prompt_lens)

@@ -55,7 +55,11 @@ thresholds live in logit space (p > t on the probability is logit > logit(t);
 the paper's p > 0.5 is a threshold of 0) and are calibrated per block so the
 realised sparsity on calibration text equals the target (`calibrate_threshold`).
 Position 0 and the prompt's last token (it produces the first output) are
-always kept.  A block whose prompt and decode targets are both 0 keeps every
+always kept, and so is every token of a prompt shorter than the router's
+`min_prompt` (32 by default, recorded in the checkpoint): routing one saves
+little, and in a short prompt most tokens carry the request (a five-token
+question routed at 30% lost its answer).  Prompt lengths are known from a
+request's first step, so this too is split-independent.  A block whose prompt and decode targets are both 0 keeps every
 token and runs no router at all (`Router.is_dense`).
 """
 
@@ -70,6 +74,7 @@ from torch import Tensor, nn
 
 NUM_FEATURES = 4
 HIDDEN = 64
+MIN_ROUTED_PROMPT = 32
 
 
 # ---- request layout -------------------------------------------------------
@@ -182,9 +187,11 @@ class Router(nn.Module):
     threshold_decode [B] logit thresholds (0 until calibrated: p > 0.5).
     """
 
-    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, hidden: int = HIDDEN):
+    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, hidden: int = HIDDEN,
+                 min_prompt: int = MIN_ROUTED_PROMPT):
         super().__init__()
         self.mlp = RouterMLP(hidden)
+        self.min_prompt = min_prompt
         self.register_buffer("mean_query", torch.zeros(num_blocks, num_kv_heads, head_dim))
         self.register_buffer("feature_mean", torch.zeros(num_blocks, NUM_FEATURES))
         self.register_buffer("feature_std", torch.ones(num_blocks, NUM_FEATURES))
@@ -248,6 +255,12 @@ class Router(nn.Module):
         raw = self.block_features(block, scores, positions, prompt_lens, cu_seqlens, past_scores, past_cu_seqlens)
         return self.mlp((raw - self.feature_mean[block]) / self.feature_std[block])
 
+    def always_keep(self, positions: Tensor, prompt_lens: Tensor) -> Tensor:
+        """Tokens no threshold can skip: position 0, each prompt's last token, and every token
+        of a prompt shorter than `min_prompt`."""
+        short = (prompt_lens < self.min_prompt) & (positions < prompt_lens)
+        return always_keep_mask(positions, prompt_lens) | short
+
     def keep(self, block: int, logits: Tensor, positions: Tensor, prompt_lens: Tensor) -> Tensor:
         """Serving keep rule at `block`; `prompt_lens` is per token.  A kind of token (prompt or
         decode) whose target is 0 is always kept, calibrated or not."""
@@ -256,7 +269,7 @@ class Router(nn.Module):
         return keep_mask(
             logits,
             positions < prompt_lens,
-            always_keep_mask(positions, prompt_lens),
+            self.always_keep(positions, prompt_lens),
             self.threshold_prompt[block] if prompt_target else inf,
             self.threshold_decode[block] if decode_target else inf,
         )

@@ -82,12 +82,14 @@ def packed_batch(lengths, vocab=1000, seed=0):
     return torch.randint(3, vocab, (int(cu[-1]),), generator=g), cu
 
 
-def calibrated_router(model, sparsity, lengths=(40, 40), prompt_lens=None, decode_sparsity=None, seed=0):
-    """A router (random MLP) with calibrated inputs and thresholds on random text."""
+def calibrated_router(model, sparsity, lengths=(40, 40), prompt_lens=None, decode_sparsity=None, seed=0,
+                      min_prompt=0):
+    """A router (random MLP) with calibrated inputs and thresholds on random text; it routes
+    prompts of any length unless `min_prompt` says otherwise (the tiny tests use short ones)."""
     from ftp_vllm.reference import calibrate_router_inputs, calibrate_router_thresholds
 
     torch.manual_seed(seed)
-    router = model.new_router()
+    router = model.new_router(min_prompt=min_prompt)
     router.set_schedule(sparsity, decode_sparsity)
     ids, cu = packed_batch(lengths, seed=seed)
     calibrate_router_inputs(model, router, ids, cu)

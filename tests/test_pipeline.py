@@ -4,7 +4,7 @@ from ftp_vllm.cli import main
 TINY_SETTINGS = [
     "--steps", "3", "--chunk-len", "32", "--context", "24", "--search-chunks", "1", "--calib-chunks", "2",
     "--train-chunks", "2", "--eval-chunks", "2", "--population", "4", "--generations", "2",
-    "--router-generations", "2", "--no-progress",
+    "--router-generations", "2", "--min-prompt", "0", "--no-progress",
 ]
 
 

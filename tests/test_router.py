@@ -97,7 +97,7 @@ def test_keep_rule_always_keeps_first_and_last_prompt_token():
 
 
 def test_keep_rule_prompt_and_decode_thresholds_and_zero_targets():
-    router = R.Router(2, 1, 4)
+    router = R.Router(2, 1, 4, min_prompt=0)
     router.set_schedule([0.0, 0.5], [0.5, 0.0])
     router.threshold_prompt.fill_(10.0)
     router.threshold_decode.fill_(10.0)
@@ -157,3 +157,18 @@ def test_block_logits_split_independent():
     step = router.block_logits(1, scores[17:], torch.arange(17, 25), torch.full((8,), 20), torch.tensor([0, 8]),
                                scores[:17], torch.tensor([0, 17]))
     assert torch.equal(step, whole[17:])
+
+
+def test_prompts_shorter_than_min_prompt_are_kept_whole():
+    """Every token of a short prompt is kept; a long prompt's free tokens follow the threshold;
+    decode tokens after a short prompt still follow the decode threshold."""
+    router = R.Router(2, 1, 4)
+    assert router.min_prompt == R.MIN_ROUTED_PROMPT == 32
+    router.set_schedule([0.0, 0.5], [0.0, 0.5])
+    router.threshold_prompt.fill_(10.0)
+    router.threshold_decode.fill_(10.0)
+    positions = torch.cat([torch.arange(34), torch.arange(40)])
+    prompt_lens = torch.cat([torch.full((34,), 31), torch.full((40,), 40)])
+    keep = router.keep(1, torch.zeros(74), positions, prompt_lens)
+    assert keep[:31].all() and not keep[31:34].any()
+    assert keep[34] and not keep[35:73].any() and keep[73]
