@@ -34,8 +34,9 @@ Speed: this runs on a few CPU cores (one SmolLM2-135M forward runs about
 300-400 tokens/s on two).  13 configurations x 1000 items must fit well
 under an hour, so (1) each cloze context runs once and its four candidates
 branch off it (`branch_logprobs`: identical to one pass per candidate), (2)
-contexts are the last 32 tokens before the true sentence and candidates the
-first 12 tokens of each sentence (~80 tokens per item instead of ~4 x 90),
+contexts are the last 64 tokens before the true sentence (the routers serve
+shorter prompts dense) and candidates the first 12 tokens of each sentence
+(~110 tokens per item instead of ~4 x 120),
 (3) the dense model's outputs are computed once and reused for KL and top-1.
 On a machine whose cores other jobs share, `--threads 1` ran 2-3x faster than
 two threads (spinning thread pools lose their time slices).
@@ -80,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=32, help="continuation chunks")
     p.add_argument("--context", type=int, default=224, help="routed prompt tokens of a continuation chunk")
     p.add_argument("--continuation", type=int, default=32, help="scored continuation tokens of a chunk")
-    p.add_argument("--cloze-context", type=int, default=32, help="context tokens of a cloze item")
+    p.add_argument("--cloze-context", type=int, default=64,
+                   help="context tokens of a cloze item (at least the routers' min_prompt, or they run dense)")
     p.add_argument("--cloze-candidate", type=int, default=12, help="tokens of each cloze candidate")
     p.add_argument("--calib-chunks", type=int, default=8, help="256-token calibration chunks for Block Influence")
     p.add_argument("--batch-items", type=int, default=32, help="cloze items per forward")

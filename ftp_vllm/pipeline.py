@@ -55,7 +55,7 @@ class TrainSettings:
     gate: str = "calibrated"  # training gate: "calibrated" thresholds or "fixed" p > 0.5
     guide_fit_steps: int = 300
     train_batch: int = 2  # chunks per training step
-    min_prompt: int = 32  # shorter prompts are served dense
+    min_prompt: int = 64  # shorter prompts are served dense
     temperature: float = 1.0
     guide_decay: float = 0.5
     chunk_len: int = 256

@@ -163,12 +163,12 @@ def test_prompts_shorter_than_min_prompt_are_kept_whole():
     """Every token of a short prompt is kept; a long prompt's free tokens follow the threshold;
     decode tokens after a short prompt still follow the decode threshold."""
     router = R.Router(2, 1, 4)
-    assert router.min_prompt == R.MIN_ROUTED_PROMPT == 32
+    assert router.min_prompt == R.MIN_ROUTED_PROMPT == 64
     router.set_schedule([0.0, 0.5], [0.0, 0.5])
     router.threshold_prompt.fill_(10.0)
     router.threshold_decode.fill_(10.0)
-    positions = torch.cat([torch.arange(34), torch.arange(40)])
-    prompt_lens = torch.cat([torch.full((34,), 31), torch.full((40,), 40)])
-    keep = router.keep(1, torch.zeros(74), positions, prompt_lens)
-    assert keep[:31].all() and not keep[31:34].any()
-    assert keep[34] and not keep[35:73].any() and keep[73]
+    positions = torch.cat([torch.arange(66), torch.arange(70)])
+    prompt_lens = torch.cat([torch.full((66,), 63), torch.full((70,), 70)])
+    keep = router.keep(1, torch.zeros(136), positions, prompt_lens)
+    assert keep[:63].all() and not keep[63:66].any()
+    assert keep[66] and not keep[67:135].any() and keep[135]
