@@ -137,10 +137,7 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
 
     # A prompt-heavy run on held-out text: the server's counters see every prompt
-    # token, and the realised prompt sparsity lands near the router's target.
-    # (The issue asks for 1 point; this router measures about 1.3 points under
-    # it on this text, so the bound here is 2 points until thresholds generalise
-    # better: see the README's status.)
+    # token, and the realised prompt sparsity is within 1 point of the router's target.
     from ftp_vllm import texts
 
     _, config = load_checkpoint(SHIPPED_ROUTER)
@@ -158,7 +155,7 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     realised = skipped / (30 * tokens)
     print(f"realised prompt sparsity on 16 held-out prompts ({tokens} tokens): {realised:.4f}, "
           f"target {config['target_sparsity']}")
-    assert abs(realised - config["target_sparsity"]) <= 0.02, realised
+    assert abs(realised - config["target_sparsity"]) <= 0.01, realised
     assert "FTP realised sparsity" in Path(routed_server["log"]).read_text()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -113,11 +114,22 @@ class RoutingState(nn.Module):
         num_blocks = router.num_blocks
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(num_blocks, 4, dtype=torch.int64), persistent=False)
-        self._last_log = self._last_write = time.monotonic()
+        self._last_log = time.monotonic()
         self._interval = float(os.environ.get("FTP_VLLM_STATS_INTERVAL", "10"))
         self._trace_path = os.environ.get("FTP_VLLM_TRACE")
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
+        if self._stats_path:  # the last steps before an idle spell must reach the file too
+            threading.Thread(target=self._flush_stats, daemon=True, name="ftp-stats").start()
+
+    def _flush_stats(self) -> None:
+        written = None
+        while True:
+            time.sleep(min(1.0, self._interval) or 0.1)
+            counts = self.counts.tolist()
+            if counts != written:
+                self._write_stats(self.stats(counts))
+                written = counts
 
     def begin_step(self, layer_name: str) -> None:
         self.step = None
@@ -157,21 +169,14 @@ class RoutingState(nn.Module):
         if self._trace_path:
             self._write_trace(positions)
         now = time.monotonic()
-        log_due = now - self._last_log >= self._interval
-        write_due = self._stats_path and now - self._last_write >= min(1.0, self._interval)
-        if log_due or write_due:
-            stats = self.stats()
-            if log_due:
-                self._last_log = now
-                self._log(stats)
-            if write_due:
-                self._last_write = now
-                self._write_stats(stats)
+        if now - self._last_log >= self._interval:
+            self._last_log = now
+            self._log(self.stats())
 
-    def stats(self) -> dict:
+    def stats(self, counts: list | None = None) -> dict:
         """Realised sparsity since start: the share of token-block computations skipped,
         over all blocks (dense blocks count as computing every token)."""
-        c = self.counts.tolist()
+        c = self.counts.tolist() if counts is None else counts
         num_blocks = self.router.num_blocks
         prompt_tokens = max(row[1] for row in c)  # every routed block sees every token
         decode_tokens = max(row[3] for row in c)
