@@ -27,7 +27,7 @@ def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
     engines in a fresh process."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "engine_worker.py"), json.dumps(runs)],
+        [sys.executable, str(ROOT / "tests" / "engine_worker.py")], input=json.dumps(runs),
         capture_output=True, text=True, timeout=timeout, env=env,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("ENGINE_RESULTS ")]

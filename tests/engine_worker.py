@@ -4,11 +4,12 @@ Tests call it as a subprocess: each engine starts worker processes by spawn,
 and a test process must not hold an engine's threads or memory.  The runs in
 one call share the (slow) vLLM import and start one after another.
 
-    python tests/engine_worker.py RUNS_JSON
+    python tests/engine_worker.py < RUNS_JSON
 
-RUNS_JSON is a list of {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N,
-"one_by_one": bool, "env": {...}}; the answer is one {"architecture", "tokens",
-"traces"} per run.  With `one_by_one` each prompt is generated alone, and when
+RUNS_JSON (on stdin) is a list of {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N,
+"one_by_one": bool, "also_together": bool, "env": {...}}; the answer is one
+{"architecture", "tokens", "traces"[, "tokens_together"]} per run; with
+`also_together` the same engine then generates all prompts in one batch.  With `one_by_one` each prompt is generated alone, and when
 FTP_VLLM_TRACE is set in the run's env each prompt gets the routing trace
 lines its steps wrote.
 """
@@ -27,7 +28,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     results = []
-    for run in json.loads(sys.argv[1]):
+    for run in json.loads(sys.stdin.read()):
         os.environ.update(run.get("env", {}))
         trace = os.environ.get("FTP_VLLM_TRACE")
         llm = LLM(**{
@@ -48,11 +49,11 @@ def main() -> None:
                 with open(trace, "a+") as f:
                     f.seek(start)
                     traces.append([json.loads(line) for line in f])
-        results.append({
-            "architecture": llm.llm_engine.model_config.architecture,
-            "tokens": tokens,
-            "traces": traces,
-        })
+        result = {"architecture": llm.llm_engine.model_config.architecture, "tokens": tokens, "traces": traces}
+        if run.get("also_together"):  # the same prompts again, all in one batch, same engine
+            outputs = llm.generate(run["prompts"], params, use_tqdm=False)
+            result["tokens_together"] = [list(o.outputs[0].token_ids) for o in outputs]
+        results.append(result)
         for key in run.get("env", {}):
             os.environ.pop(key, None)
         llm.llm_engine.engine_core.shutdown()

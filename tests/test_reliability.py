@@ -8,7 +8,7 @@ from .conftest import real_prompts, run_engines
 
 pytestmark = pytest.mark.engine
 
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 def decode_routed_router(out) -> str:
@@ -25,7 +25,7 @@ def decode_routed_router(out) -> str:
 
 def mixed_prompts(n: int) -> list[str]:
     """Real text, lengths from a few words to a few hundred."""
-    return [" ".join(p.split()[: 8 + (37 * i) % 260]) for i, p in enumerate(real_prompts(n, words=270))]
+    return [" ".join(p.split()[: 8 + (37 * i) % 180]) for i, p in enumerate(real_prompts(n, words=190))]
 
 
 def recomputed_requests(trace: list[dict]) -> int:
@@ -44,38 +44,42 @@ def differing(a: list, b: list) -> int:
     return sum(x != y for x, y in zip(a, b))
 
 
-def test_batch_invariance_and_preemption(real_model, tmp_path):
+def test_float32_batch_invariance_and_preemption(real_model, tmp_path):
     router = decode_routed_router(tmp_path / "router")
     prompts = mixed_prompts(32)
-    ftp = {"model": real_model, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": router}}
-    stock = {"model": real_model}
-    f32 = {"dtype": "float32"}
-    bf16 = {"dtype": "bfloat16"}
-    small_cache = {"kv_cache_memory_bytes": 48 << 20, "max_model_len": 1024}  # ~1,000 fp32 tokens
+    ftp = {"model": real_model, "dtype": "float32", "enable_prefix_caching": False,
+           "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": router}}
+    small_cache = {"kv_cache_memory_bytes": 48 << 20, "max_model_len": 640}  # ~1,000 fp32 tokens
     trace = str(tmp_path / "preempted.jsonl")
     common = {"prompts": prompts, "max_tokens": NEW_TOKENS}
     runs = [
-        {"llm": {**ftp, **f32}, "one_by_one": True, **common},
-        {"llm": {**ftp, **f32}, **common},
-        {"llm": {**ftp, **f32, **small_cache}, "env": {"FTP_VLLM_TRACE": trace}, **common},
-        {"llm": {**stock, **bf16}, "one_by_one": True, **common},
-        {"llm": {**stock, **bf16}, **common},
-        {"llm": {**ftp, **bf16}, "one_by_one": True, **common},
-        {"llm": {**ftp, **bf16}, **common},
+        {"llm": ftp, "one_by_one": True, "also_together": True, **common},
+        {"llm": {**ftp, **small_cache}, "env": {"FTP_VLLM_TRACE": trace}, **common},
     ]
-    alone, together, preempted, stock_alone, stock_together, bf_alone, bf_together = run_engines(runs)
-    assert len({tuple(t) for t in alone["tokens"]}) > 24, "degenerate outputs prove nothing"
+    f32_run, preempted = run_engines(runs)
+    alone = f32_run["tokens"]
+    assert len({tuple(t) for t in alone}) > 24, "degenerate outputs prove nothing"
 
-    # float32: each request's output is the same alone and among 32 of mixed lengths
-    assert together["tokens"] == alone["tokens"]
+    # each request's output is the same alone and among 32 of mixed lengths
+    assert f32_run["tokens_together"] == alone
 
-    # preemption: requests were preempted and recomputed (skipped tokens' K/V included),
-    # and every output equals its unpreempted one
+    # requests were preempted and recomputed (skipped tokens' K/V included), and every
+    # output equals its unpreempted one
     assert recomputed_requests(preempted["traces"][0]) > 0, "the small cache should force preemption"
-    assert preempted["tokens"] == alone["tokens"]
+    assert preempted["tokens"] == alone
 
-    # bfloat16: FTP differs between alone and batched no more often than stock vLLM
-    stock_diff = differing(stock_alone["tokens"], stock_together["tokens"])
-    ftp_diff = differing(bf_alone["tokens"], bf_together["tokens"])
+
+@pytest.mark.slow
+def test_bfloat16_batch_sensitivity_no_worse_than_stock(real_model):
+    """In bfloat16 neither stock vLLM nor FTP is batch-invariant on this CPU; FTP (the shipped
+    30% router) must differ between alone and among 32 no more often than stock.  Slow here
+    (no native bfloat16 on this CPU): `make test ARGS="-m slow"`."""
+    prompts = mixed_prompts(32)
+    bf16 = {"model": real_model, "dtype": "bfloat16", "enable_prefix_caching": False}
+    ftp = {**bf16, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": "smollm2-135m-instruct-s30"}}
+    common = {"prompts": prompts, "max_tokens": NEW_TOKENS, "one_by_one": True, "also_together": True}
+    stock_run, ftp_run = run_engines([{"llm": bf16, **common}, {"llm": ftp, **common}])
+    stock_diff = differing(stock_run["tokens"], stock_run["tokens_together"])
+    ftp_diff = differing(ftp_run["tokens"], ftp_run["tokens_together"])
     print(f"bfloat16, alone vs among 32: stock differs on {stock_diff}, FTP on {ftp_diff} of {len(prompts)} prompts")
     assert ftp_diff <= stock_diff
