@@ -16,6 +16,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+GiB = 1 << 30
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * GiB
+
+
+def kv_cache_bytes() -> int:
+    """A quarter of free memory, within [1, 8] GiB: the weights and the engine need the rest."""
+    return int(min(max(available_memory() // 4, GiB), 8 * GiB))
+
+
+def has_flag(args: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,13 +78,16 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 @contextmanager
 def vllm_server(args: list[str], log_path: str | Path, env: dict | None = None, timeout: float = 900) -> Iterator[Server]:
     """`vllm serve ARGS --host 127.0.0.1 --port FREE`, as a user would type it; the engine's
-    threads are bound to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise."""
+    threads are bound to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise, and
+    on a machine without a GPU the KV cache is sized as the launcher sizes it unless ARGS say."""
     import psutil
 
     port = free_port()
     log_path = Path(log_path)
     env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    if not has_gpu() and not has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+        args = [*args, "--kv-cache-memory-bytes", str(kv_cache_bytes())]
     vllm = Path(sys.executable).parent / "vllm"
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(vllm), "serve", *args, "--host", "127.0.0.1", "--port", str(port)],

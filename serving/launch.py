@@ -24,34 +24,8 @@ import sys
 from pathlib import Path
 
 from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
-from ftp_vllm.server_process import wait_healthy
+from ftp_vllm.server_process import has_flag, has_gpu, kv_cache_bytes, wait_healthy
 from ftp_vllm.vllm_args import ftp_architecture
-
-GiB = 1 << 30
-
-
-def has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def available_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 * GiB
-
-
-def kv_cache_bytes() -> int:
-    """A quarter of free memory, within [1, 8] GiB: the weights and the engine need the rest."""
-    return int(min(max(available_memory() // 4, GiB), 8 * GiB))
-
-
-def has_flag(args: list[str], *flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
-
 
 def default_router(model_arg: str) -> str | None:
     """The shipped 30% router of a known model, if there is one."""
