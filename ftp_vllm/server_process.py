@@ -25,6 +25,14 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without, vLLM's CPU
+    kernels emulate it and float32 is faster."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def available_memory() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -79,15 +87,19 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 def vllm_server(args: list[str], log_path: str | Path, env: dict | None = None, timeout: float = 900) -> Iterator[Server]:
     """`vllm serve ARGS --host 127.0.0.1 --port FREE`, as a user would type it; the engine's
     threads are bound to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise, and
-    on a machine without a GPU the KV cache is sized as the launcher sizes it unless ARGS say."""
+    on a machine without a GPU the KV cache is sized, and the dtype chosen, as the launcher
+    does unless ARGS say."""
     import psutil
 
     port = free_port()
     log_path = Path(log_path)
     env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-    if not has_gpu() and not has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-        args = [*args, "--kv-cache-memory-bytes", str(kv_cache_bytes())]
+    if not has_gpu():
+        if not has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+            args = [*args, "--kv-cache-memory-bytes", str(kv_cache_bytes())]
+        if not has_flag(args, "--dtype") and not native_bf16():
+            args = [*args, "--dtype", "float32"]
     vllm = Path(sys.executable).parent / "vllm"
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(vllm), "serve", *args, "--host", "127.0.0.1", "--port", str(port)],

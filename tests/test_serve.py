@@ -39,9 +39,16 @@ def server(real_model, tmp_path_factory):
         time.sleep(2)
     log.seek(0)
     assert proc.poll() is None and "launch: ready at" in log.read(), log.read()[-4000:]
+    children = psutil.Process(proc.pid).children(recursive=True)
     yield {"port": port, "proc": proc, "log": log}
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None:  # a failed test left it running: stop it as Ctrl-C would, never orphan the engine
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for child in psutil.wait_procs(children, timeout=30)[1]:
+        child.kill()
 
 
 def test_openai_client_completions_chat_streaming(server):
