@@ -56,7 +56,7 @@ def vllm_command(model_arg: str, router: str | None, host: str, port: int, extra
         if not has_flag(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
             cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes())]
         if not has_flag(extra, "--dtype") and not native_bf16():
-            cmd += ["--dtype", "float32"]  # emulated bfloat16 is several times slower
+            cmd += ["--dtype", "float32"]  # bfloat16 would be emulated
     return cmd + extra, env
 
 
