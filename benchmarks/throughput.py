@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--methods", nargs="+", default=["dense", "dense-compiled", "ftp-keep-all", "ftp", "shortgpt"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 where native (GPU, AVX-512 BF16, AMX), else float32")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--plot", help="PNG path (default: next to --json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
     from ftp_vllm.model_store import resolve_model, write_pruned_model
 
+    from ftp_vllm.server_process import has_gpu, native_bf16
+
+    args.dtype = args.dtype or ("bfloat16" if has_gpu() or native_bf16() else "float32")
     folder = resolve_model(args.model)
     config = json.loads((Path(folder) / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
