@@ -73,7 +73,7 @@ def worker(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(**spec["llm"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["tokenizer"])
     stats_path = spec.get("env", {}).get("FTP_VLLM_STATS")
     print("READY", flush=True)
     for line in sys.stdin:
