@@ -57,12 +57,12 @@ import torch
 
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
 from ftp_vllm.evaluation import (
-    CHANCE, ContinuationSums, Method, SkipCounter, cloze_items, cloze_scores, continuation_pass, random_rule,
-    retention, shortgpt_rule, static_rule, uniform_schedule, wilson_interval,
+    CHANCE, ContinuationSums, Method, SkipCounter, calibration_block_influence, cloze_items, cloze_scores,
+    continuation_pass, random_rule, retention, shortgpt_rule, static_rule, uniform_schedule, wilson_interval,
 )
 from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
-from ftp_vllm.reference import RoutedModel, block_influence, shortgpt_blocks
-from ftp_vllm.texts import document_chunks, documents, file_documents, token_chunks
+from ftp_vllm.reference import RoutedModel, shortgpt_blocks
+from ftp_vllm.texts import document_chunks, documents, file_documents
 
 METHODS = ("dense", "ftp", "shortgpt", "static-uniform", "random")
 SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 30, 40)]
@@ -116,8 +116,7 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
         targets.append((s, uniform, uniform, None))
     influence = None
     if "shortgpt" in args.methods and targets:
-        cal = token_chunks(tokenizer, "calibration", 256, args.calib_chunks, args.seed)
-        influence = block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
+        influence = calibration_block_influence(model, tokenizer, args.calib_chunks, args.seed)
     for s, prompt, decode, label in targets:
         matched = {"matched_to": label, "matched_sparsity": round(s, 4)}
         if "shortgpt" in args.methods:

@@ -187,7 +187,6 @@ def main(argv=None) -> int:
         worker(json.loads(args.worker))
         return 0
 
-    import torch
     from transformers import AutoTokenizer
 
     from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
@@ -227,13 +226,12 @@ def main(argv=None) -> int:
                           "env": {"FTP_VLLM_STATS": str(work / f"{name}.json"), "FTP_VLLM_STATS_INTERVAL": "1"}})
     shortgpt_layers = None
     if "shortgpt" in args.methods and args.routers:
-        from ftp_vllm.reference import RoutedModel, block_influence, shortgpt_blocks
-        from ftp_vllm.texts import token_chunks
+        from ftp_vllm.evaluation import calibration_block_influence
+        from ftp_vllm.reference import RoutedModel, shortgpt_blocks
 
         target = load_checkpoint(resolve_router(args.routers[0]))[1]["target_sparsity"]
         model = RoutedModel.from_pretrained(folder)
-        cal = token_chunks(tokenizer, "calibration", 256, 8, 0)
-        influence = block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
+        influence = calibration_block_influence(model, tokenizer)
         dropped = shortgpt_blocks(influence, round(target * model.num_blocks))
         del model
         pruned = write_pruned_model(folder, dropped, work / "shortgpt")

@@ -96,6 +96,14 @@ def shortgpt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
     return lambda cu, prompt_lens: ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
 
 
+def calibration_block_influence(model: RoutedModel, tokenizer, chunks: int = 8, seed: int = 0) -> Tensor:
+    """ShortGPT's Block Influence [B] on `chunks` 256-token chunks of calibration text."""
+    from .texts import token_chunks
+
+    cal = token_chunks(tokenizer, "calibration", 256, chunks, seed)
+    return ref.block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
+
+
 def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list[float]:
     """`sparsity` on average over all blocks, spread evenly over the blocks between the
     `dense_edges` first and last ones (kept dense: skipping there ruins a small model)."""
@@ -106,14 +114,15 @@ def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list
 
 # ---- realised sparsity -------------------------------------------------------------
 
+KINDS = ("prompt", "decode")
+
+
 @dataclass
 class SkipCounter:
     """Token-block computations skipped and run, per block, for prompt and decode tokens."""
 
-    skipped: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
-    total: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
-    per_block: dict = field(default_factory=dict)  # kind -> [B] tokens skipped; tokens per block in `tokens`
-    tokens: dict = field(default_factory=lambda: {"prompt": 0, "decode": 0})
+    per_block: dict = field(default_factory=dict)  # kind -> [B] tokens each block skipped
+    tokens: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # kind -> tokens run
 
     @classmethod
     def of(cls, keep: Tensor, prompt: Tensor) -> SkipCounter:
@@ -123,32 +132,41 @@ class SkipCounter:
 
     def add(self, keep: Tensor, prompt: Tensor) -> None:
         """keep [B, T] bool; prompt [T] bool."""
-        for kind, mask in (("prompt", prompt), ("decode", ~prompt)):
+        for kind, mask in zip(KINDS, (prompt, ~prompt)):
             skipped = (~keep[:, mask]).sum(-1).tolist()
-            self.skipped[kind] += sum(skipped)
-            self.total[kind] += keep.shape[0] * int(mask.sum())
             self.tokens[kind] += int(mask.sum())
             self.per_block[kind] = [a + b for a, b in zip(self.per_block.get(kind, [0] * len(skipped)), skipped)]
 
     def __add__(self, other: SkipCounter) -> SkipCounter:
-        kinds = ("prompt", "decode")
-        blocks = {k: [a + b for a, b in zip(self.per_block.get(k, other.per_block.get(k, [])),
-                                            other.per_block.get(k, [0] * len(self.per_block.get(k, []))))]
-                  for k in kinds if k in self.per_block or k in other.per_block}
-        return SkipCounter({k: self.skipped[k] + other.skipped[k] for k in kinds},
-                           {k: self.total[k] + other.total[k] for k in kinds}, blocks,
-                           {k: self.tokens[k] + other.tokens[k] for k in kinds})
+        total = SkipCounter()
+        for counter in (self, other):
+            for kind in KINDS:
+                total.tokens[kind] += counter.tokens[kind]
+                if kind in counter.per_block:
+                    mine = total.per_block.get(kind, [0] * len(counter.per_block[kind]))
+                    total.per_block[kind] = [a + b for a, b in zip(mine, counter.per_block[kind])]
+        return total
+
+    @property
+    def skipped(self) -> dict:
+        return {kind: sum(self.per_block.get(kind, [])) for kind in KINDS}
+
+    @property
+    def total(self) -> dict:
+        """Token-block computations run per kind: every block sees every token."""
+        return {kind: len(self.per_block.get(kind, [])) * self.tokens[kind] for kind in KINDS}
 
     def share(self, kind: str | None = None) -> float | None:
         """Share skipped of `kind`'s token-block computations; None: of all of them."""
-        kinds = ("prompt", "decode") if kind is None else (kind,)
-        total = sum(self.total[k] for k in kinds)
-        return sum(self.skipped[k] for k in kinds) / total if total else None
+        kinds = KINDS if kind is None else (kind,)
+        skipped, total = self.skipped, self.total
+        run = sum(total[k] for k in kinds)
+        return sum(skipped[k] for k in kinds) / run if run else None
 
     def report(self) -> dict:
         """Per-block and mean skipped shares, prompt and decode apart (what a checkpoint records)."""
         out = {}
-        for kind in ("prompt", "decode"):
+        for kind in KINDS:
             n = self.tokens[kind]
             per_block = [round(s / n, 4) for s in self.per_block.get(kind, [])] if n else []
             out[kind] = {"per_block": per_block, "mean": round(self.share(kind), 4) if n else None}

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from .evaluation import SkipCounter
+from .evaluation import SkipCounter, is_prompt
 from .model_store import resolve_model
 from .reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, static_keep
 from .schedule import (
@@ -142,7 +142,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     quality, eval_keep = evaluate(model, router, eval_text)
     start = _stage(stages, "evaluation", start)
 
-    is_prompt_cal = _is_prompt(calib_text)
+    is_prompt_cal = is_prompt(calib_text.cu_seqlens, calib_text.prompt_lens)
     config = {
         "base_model": {"name": s.model if "/" not in s.model else Path(folder).name, **fingerprint(folder)},
         "target_sparsity": round(sum(tuned.schedule) / B, 6),
@@ -153,7 +153,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                                   "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
         "realised_sparsity": {
             "calibration_text (thresholds fitted here)": SkipCounter.of(calib_out.keep, is_prompt_cal).report(),
-            "evaluation_text (held out)": SkipCounter.of(eval_keep, _is_prompt(eval_text)).report(),
+            "evaluation_text (held out)": SkipCounter.of(eval_keep, is_prompt(eval_text.cu_seqlens, eval_text.prompt_lens)).report(),
         },
         "quality": quality,
         "search": {
@@ -182,12 +182,6 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     }
     out = save_checkpoint(s.out, router, config)
     return out, load_checkpoint(out)[1]
-
-
-def _is_prompt(batch: ContinuationBatch) -> torch.Tensor:
-    from .router import local_index, request_ids
-
-    return local_index(batch.cu_seqlens) < batch.prompt_lens[request_ids(batch.cu_seqlens)]
 
 
 def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict, torch.Tensor]:
@@ -228,6 +222,7 @@ def format_summary(folder: Path, config: dict) -> str:
     cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
     ev = config["realised_sparsity"]["evaluation_text (held out)"]
     sched = config["schedule"]
+    selection = config["training"]["selection"]
     fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     lines = [
         f"router checkpoint: {folder}",
@@ -239,8 +234,8 @@ def format_summary(folder: Path, config: dict) -> str:
         f"realised on held-out text:    prompt {ev['prompt']['mean']}, decode {ev['decode']['mean']}",
         "training loss (first -> last tenth): " + ", ".join(
             f"{k} {v['first']} -> {v['last']}" for k, v in config["training"]["loss"].items()),
-        "router kept: {kept} (search-text continuation KL: warm start {w}, trained {t})".format(
-            kept=config["training"]["selection"]["kept"], **dict(zip("wt", config["training"]["selection"]["search_text_continuation_kl"].values()))),
+        f"router kept: {selection['kept']} (search-text continuation KL: warm start "
+        f"{selection['search_text_continuation_kl']['warm start']}, trained {selection['search_text_continuation_kl']['trained']})",
         "schedule search fitness (calibration KL): static "
         f"{config['search']['static_router']['fitness']:.4f} (uniform {config['search']['static_router']['uniform_fitness']:.4f}), "
         f"trained router {config['search']['trained_router']['fitness']:.4f} "

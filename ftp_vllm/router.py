@@ -58,9 +58,10 @@ Position 0 and the prompt's last token (it produces the first output) are
 always kept, and so is every token of a prompt shorter than the router's
 `min_prompt` (64 by default, recorded in the checkpoint): routing one saves
 little, and in a short prompt most tokens carry the request (a 37-token chat
-question routed at 30%, by the trained or the static router, lost its answer).  Prompt lengths are known from a
-request's first step, so this too is split-independent.  A block whose prompt and decode targets are both 0 keeps every
-token and runs no router at all (`Router.is_dense`).
+question routed at 30%, by the trained or the static router, lost its
+answer).  Prompt lengths are known from a request's first step, so this too is
+split-independent.  A block whose prompt and decode targets are both 0 keeps
+every token and runs no router at all (`Router.is_dense`).
 """
 
 from __future__ import annotations

@@ -50,6 +50,19 @@ def has_flag(args: list[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
+def cpu_serve_args(args: list[str]) -> list[str]:
+    """Flags `vllm serve` gets on a machine without a GPU unless `args` choose: a KV cache sized
+    from free memory, and float32 where bfloat16 would be emulated."""
+    if has_gpu():
+        return []
+    extra = []
+    if not has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+        extra += ["--kv-cache-memory-bytes", str(kv_cache_bytes())]
+    if not has_flag(args, "--dtype") and not native_bf16():
+        extra += ["--dtype", "float32"]
+    return extra
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,19 +100,14 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 def vllm_server(args: list[str], log_path: str | Path, env: dict | None = None, timeout: float = 900) -> Iterator[Server]:
     """`vllm serve ARGS --host 127.0.0.1 --port FREE`, as a user would type it; the engine's
     threads are bound to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise, and
-    on a machine without a GPU the KV cache is sized, and the dtype chosen, as the launcher
-    does unless ARGS say."""
+    it gets the launcher's CPU defaults (`cpu_serve_args`)."""
     import psutil
 
     port = free_port()
     log_path = Path(log_path)
     env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-    if not has_gpu():
-        if not has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-            args = [*args, "--kv-cache-memory-bytes", str(kv_cache_bytes())]
-        if not has_flag(args, "--dtype") and not native_bf16():
-            args = [*args, "--dtype", "float32"]
+    args = [*args, *cpu_serve_args(args)]
     vllm = Path(sys.executable).parent / "vllm"
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(vllm), "serve", *args, "--host", "127.0.0.1", "--port", str(port)],

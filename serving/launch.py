@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
-from ftp_vllm.server_process import has_flag, has_gpu, kv_cache_bytes, native_bf16, wait_healthy
+from ftp_vllm.server_process import cpu_serve_args, has_flag, has_gpu, wait_healthy
 from ftp_vllm.vllm_args import ftp_architecture
 
 def default_router(model_arg: str) -> str | None:
@@ -53,11 +53,7 @@ def vllm_command(model_arg: str, router: str | None, host: str, port: int, extra
     env = dict(os.environ)
     if not has_gpu():
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-        if not has_flag(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-            cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes())]
-        if not has_flag(extra, "--dtype") and not native_bf16():
-            cmd += ["--dtype", "float32"]  # bfloat16 would be emulated
-    return cmd + extra, env
+    return cmd + cpu_serve_args(extra) + extra, env
 
 
 def main(argv: list[str] | None = None) -> int:
