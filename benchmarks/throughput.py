@@ -4,8 +4,10 @@
 
 Methods: `dense` (the stock model), `ftp-keep-all` (the FTP class with a router
 whose thresholds keep every token: the routing overhead alone), `ftp` with each
-`--routers` router, and `shortgpt` (the model with round(s * B) blocks of lowest
-Block Influence removed, s the first router's target) - each in its own engine
+`--routers` router, `ftp-simple` (the first router with attention for every
+token: the routed layers' simple path; not run by default), and `shortgpt`
+(the model with round(s * B) blocks of lowest Block Influence removed, s the
+first router's target) - each in its own engine
 process, all alive at once, so that the workloads run interleaved: every
 repetition runs every method on the workload before the next workload starts.
 Workloads (`vllm bench throughput` style; real text, token ids of exact
@@ -16,10 +18,12 @@ lengths, `ignore_eos`):
   mixed          32 prompts, lengths 64..512, outputs 16..128 (seeded)
 
 Figures are medians over `--repeats`; ratio_to_dense divides by the dense run
-of the same workload and mode.  FTP runs eager (routing does not run compiled
-yet), so dense runs in both modes: `eager` (like with like) and `compiled`
-(vLLM's default).  The ideal speed-up is a FLOP count of what a skipped token
-does not compute, with the realised per-block keep rates of the run: a kept
+of the same workload and mode.  Every method runs in each of `--modes`:
+`eager` (`--enforce-eager`) and `compiled` (vLLM's default; the routed blocks
+are an opaque op inside the compiled graph).  Prefix caching is off, so every
+repetition computes every prompt.  The ideal speed-up is a FLOP count of what
+a skipped token does not compute, with the realised per-block keep rates of
+the run (read from the engine's counters): a kept
 token costs its block's projections, MLP and attention over its context; a
 skipped one costs its K/V projections only; the LM head runs for sampled
 positions.
@@ -74,7 +78,7 @@ def worker(spec: dict) -> None:
 
     llm = LLM(**spec["llm"])
     tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["tokenizer"])
-    stats_path = spec.get("env", {}).get("FTP_VLLM_STATS")
+    routed = spec["method"] in ("ftp", "ftp-keep-all", "ftp-simple")
     print("READY", flush=True)
     for line in sys.stdin:
         name = line.strip()
@@ -82,12 +86,11 @@ def worker(spec: dict) -> None:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
         prompts = [{"prompt_token_ids": p} for p, _ in requests]
         llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-        before = _stats(stats_path)
+        before = _stats(llm) if routed else None
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
-        time.sleep(1.2 if stats_path else 0)  # the stats file is rewritten every second
-        after = _stats(stats_path)
+        after = _stats(llm) if routed else None
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         in_tokens = sum(len(p) for p, _ in requests)
         print("RESULT " + json.dumps({
@@ -96,10 +99,9 @@ def worker(spec: dict) -> None:
         }), flush=True)
 
 
-def _stats(path):
-    if not path or not Path(path).exists():
-        return None
-    return json.loads(Path(path).read_text())
+def _stats(llm):
+    """The FTP counters of the engine's model (same process: one engine, one worker)."""
+    return llm.apply_model(lambda model: model.ftp.stats())[0]
 
 
 def _keep_rates(before, after):
@@ -176,7 +178,10 @@ def main(argv=None) -> int:
     p.add_argument("--routers", nargs="*", default=["smollm2-135m-instruct-s20", "smollm2-135m-instruct-s30",
                                                     "smollm2-135m-instruct-s40"])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--methods", nargs="+", default=["dense", "dense-compiled", "ftp-keep-all", "ftp", "shortgpt"])
+    p.add_argument("--methods", nargs="+", default=["dense", "ftp-keep-all", "ftp", "shortgpt"],
+                   choices=["dense", "ftp-keep-all", "ftp", "ftp-simple", "shortgpt"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                   help="eager (--enforce-eager) and/or vLLM's default compiled mode; every method runs in each")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="default: bfloat16 where native (GPU, AVX-512 BF16, AMX), else float32")
     p.add_argument("--json", dest="json_out")
@@ -200,31 +205,15 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     work = Path(tempfile.mkdtemp(prefix="ftp-throughput-"))
     base = {"model": str(folder), "tokenizer": str(folder), "dtype": args.dtype, "seed": 0,
-            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni"}
+            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni",
+            "enable_prefix_caching": False}  # every repetition computes every prompt
     ftp_class = {"architectures": ["FTPLlamaForCausalLM"]}
-    specs = []
-    if "dense" in args.methods:
-        specs.append({"name": "dense", "method": "dense", "router": None, "mode": "eager", "sparsity": 0.0,
-                      "llm": {**base, "enforce_eager": True}})
-    if "dense-compiled" in args.methods:
-        specs.append({"name": "dense-compiled", "method": "dense", "router": None, "mode": "compiled", "sparsity": 0.0,
-                      "llm": {**base}})
+    keep_all = shortgpt = None
     if "ftp-keep-all" in args.methods:
         router, ckpt = load_checkpoint(resolve_router(args.routers[0]))
         router.threshold_prompt.fill_(float("-inf"))
         router.threshold_decode.fill_(float("-inf"))
         keep_all = save_checkpoint(work / "keep-all", router, {"base_model": fingerprint(folder)})
-        specs.append({"name": "ftp-keep-all", "method": "ftp-keep-all", "router": None, "mode": "eager", "sparsity": 0.0,
-                      "llm": {**base, "enforce_eager": True, "hf_overrides": {**ftp_class, "ftp_router": str(keep_all)}},
-                      "env": {"FTP_VLLM_STATS": str(work / "keep-all.json"), "FTP_VLLM_STATS_INTERVAL": "1"}})
-    if "ftp" in args.methods:
-        for name in args.routers:
-            path = resolve_router(name)
-            target = load_checkpoint(path)[1]["target_sparsity"]
-            specs.append({"name": f"ftp {name}", "method": "ftp", "router": name, "mode": "eager", "sparsity": target,
-                          "llm": {**base, "enforce_eager": True, "hf_overrides": {**ftp_class, "ftp_router": str(path)}},
-                          "env": {"FTP_VLLM_STATS": str(work / f"{name}.json"), "FTP_VLLM_STATS_INTERVAL": "1"}})
-    shortgpt_layers = None
     if "shortgpt" in args.methods and args.routers:
         from ftp_vllm.evaluation import calibration_block_influence
         from ftp_vllm.reference import RoutedModel, shortgpt_blocks
@@ -234,11 +223,34 @@ def main(argv=None) -> int:
         influence = calibration_block_influence(model, tokenizer)
         dropped = shortgpt_blocks(influence, round(target * model.num_blocks))
         del model
-        pruned = write_pruned_model(folder, dropped, work / "shortgpt")
-        shortgpt_layers = config["num_hidden_layers"] - len(dropped)
-        specs.append({"name": "shortgpt", "method": "shortgpt", "router": None, "mode": "eager",
-                      "sparsity": len(dropped) / config["num_hidden_layers"], "dropped_blocks": dropped,
-                      "llm": {**base, "model": str(pruned), "enforce_eager": True}})
+        shortgpt = (write_pruned_model(folder, dropped, work / "shortgpt"), dropped)
+    shortgpt_layers = config["num_hidden_layers"] - len(shortgpt[1]) if shortgpt else None
+
+    def routed(path, env=None):
+        return {"hf_overrides": {**ftp_class, "ftp_router": str(path)}}, env or {}
+
+    specs = []
+    for mode in args.modes:
+        engine = {**base, "enforce_eager": mode == "eager"}
+        suffix = "" if mode == "eager" else f" {mode}"
+        rows = []  # (name, method, router, sparsity, llm overrides, env, extra)
+        if "dense" in args.methods:
+            rows.append(("dense", "dense", None, 0.0, {}, {}, {}))
+        if keep_all is not None:
+            rows.append(("ftp-keep-all", "ftp-keep-all", None, 0.0, *routed(keep_all), {}))
+        for name in args.routers if "ftp" in args.methods else []:
+            path = resolve_router(name)
+            rows.append((f"ftp {name}", "ftp", name, load_checkpoint(path)[1]["target_sparsity"], *routed(path), {}))
+        if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
+            path = resolve_router(args.routers[0])
+            rows.append((f"ftp-simple {args.routers[0]}", "ftp-simple", args.routers[0],
+                         load_checkpoint(path)[1]["target_sparsity"], *routed(path, {"FTP_VLLM_PATH": "simple"}), {}))
+        if shortgpt is not None:
+            rows.append(("shortgpt", "shortgpt", None, len(shortgpt[1]) / config["num_hidden_layers"],
+                         {"model": str(shortgpt[0])}, {}, {"dropped_blocks": shortgpt[1]}))
+        for name, method, router_name, sparsity, llm, env, extra in rows:
+            specs.append({"name": name + suffix, "method": method, "router": router_name, "mode": mode,
+                          "sparsity": sparsity, "llm": {**engine, **llm}, "env": env, **extra})
 
     from tqdm.auto import tqdm
 
@@ -296,9 +308,10 @@ def main(argv=None) -> int:
             if row["workload"] != wl:
                 continue
             metric = "prompt_tok_per_s" if wl == "prompt-heavy" else "output_tok_per_s" if wl == "decode-heavy" else "total_tok_per_s"
-            for mode, dense in dense_of.items():
-                key = "ratio_to_dense" if mode == "eager" else f"ratio_to_dense_{mode}"
-                row[key] = row[metric] / dense[metric]
+            if row["mode"] in dense_of:
+                row["ratio_to_dense"] = row[metric] / dense_of[row["mode"]][metric]
+            if "eager" in dense_of and row["mode"] != "eager":
+                row["ratio_to_dense_eager"] = row[metric] / dense_of["eager"][metric]
             row["ratio_metric"] = metric
             if "ratio_to_dense" in row and row.get("ideal_speedup"):
                 row["achieved_over_ideal"] = row["ratio_to_dense"] / row["ideal_speedup"]
@@ -318,7 +331,7 @@ def main(argv=None) -> int:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| workload | method | router | mode | sparsity % | req/s | total tok/s | output tok/s | ratio to dense (eager) | ideal | achieved/ideal |")
+    print("\n| workload | method | router | mode | sparsity % | req/s | total tok/s | output tok/s | ratio to dense (same mode) | ideal | achieved/ideal |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['workload']} | {r['method']} | {r['router'] or ''} | {r['mode']} | {100 * r['sparsity']:.1f} | "
@@ -347,7 +360,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.bar([w + i * width for w in range(len(workloads))], vals, width, label=label)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([w + 0.4 - width / 2 for w in range(len(workloads))], workloads)
-    ax.set_ylabel("throughput / stock vLLM (eager)")
+    ax.set_ylabel("throughput / stock vLLM (same mode)")
     ax.set_title("Offline throughput relative to stock vLLM, same model and settings")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

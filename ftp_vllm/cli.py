@@ -52,6 +52,7 @@ def _add_train_parser(sub) -> None:
         ("population", "schedules per generation"), ("generations", "generations with the static router"),
         ("router_generations", "generations with the trained router"),
         ("upper", "largest sparsity of one block"), ("step", "sparsity resolution of the search"),
+        ("device", "torch device of the frozen model and the router, e.g. cuda"),
     ]:
         default = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"{help_} ({default})")

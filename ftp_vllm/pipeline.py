@@ -69,6 +69,7 @@ class TrainSettings:
     router_generations: int = 4
     upper: float = 0.8
     step: float = 0.01
+    device: str = "cpu"  # where the frozen model and the router run (e.g. "cuda" for a 7B model)
     progress: bool = True
 
 
@@ -89,7 +90,9 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     stages: dict[str, float] = {}
     torch.manual_seed(s.seed)
     folder = resolve_model(s.model)
-    model = RoutedModel.from_pretrained(folder)
+    if s.device != "cpu":  # text, router and scratch tensors are made where the model is
+        torch.set_default_device(s.device)
+    model = RoutedModel.from_pretrained(folder).to(s.device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     B = model.num_blocks
     cal = token_chunks(tokenizer, "calibration", s.chunk_len, s.search_chunks + s.calib_chunks + s.train_chunks, s.seed)

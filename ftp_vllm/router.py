@@ -112,38 +112,71 @@ def key_scores(keys: Tensor, mean_query: Tensor) -> Tensor:
     return (keys * mean_query.float()).sum((-1, -2)) / math.sqrt(keys.shape[-1])
 
 
+class RankLayout:
+    """Where each request's earlier (past) and current (step) tokens sit, for `causal_rank`.
+
+    Depends only on the step's shape, so one layout serves every block of a forward.  Few
+    requests (prefill): each request's step tokens are compared with its own context, a
+    lower-triangular block.  Many requests (decode): one padded table, gathered per token."""
+
+    LOOP_MAX_REQUESTS = 16
+
+    def __init__(self, cu_seqlens: Tensor, past_cu_seqlens: Tensor | None = None):
+        if past_cu_seqlens is None:
+            past_cu_seqlens = torch.zeros_like(cu_seqlens)
+        self.cu, self.past_cu = cu_seqlens, past_cu_seqlens
+        self.n_past = past_cu_seqlens[1:] - past_cu_seqlens[:-1]
+        n_step = cu_seqlens[1:] - cu_seqlens[:-1]
+        self.num_requests = len(n_step)
+        self.rid, self.off = request_ids(cu_seqlens), local_index(cu_seqlens)
+        self.denominator = (self.n_past[self.rid] + self.off + 1).float()
+        self.loop = self.num_requests <= self.LOOP_MAX_REQUESTS
+        if self.loop:
+            cu, past_cu = cu_seqlens.tolist(), past_cu_seqlens.tolist()
+            self.bounds = [(cu[r], cu[r + 1], past_cu[r], past_cu[r + 1]) for r in range(self.num_requests)]
+            return
+        self.max_past = int(self.n_past.max()) if self.num_requests else 0
+        max_step = int(n_step.max()) if self.num_requests else 0
+        self.past_rid, self.past_off = request_ids(past_cu_seqlens), local_index(past_cu_seqlens)
+        self.width = self.max_past + max_step
+        col = torch.arange(self.width, device=cu_seqlens.device)
+        self.chunks = []
+        for start in range(0, len(self.rid), 1024):  # bounds memory for long prompts
+            sl = slice(start, start + 1024)
+            self.chunks.append((sl, (col < self.max_past) | (col - self.max_past <= self.off[sl, None])))
+
+    def rank(self, scores: Tensor, past_scores: Tensor | None = None) -> Tensor:
+        counts = scores.new_empty(len(scores), dtype=torch.float32)
+        if self.loop:
+            for a, b, pa, pb in self.bounds:
+                step = scores[a:b]
+                context = step if pa == pb else torch.cat([past_scores[pa:pb], step])
+                counts[a:b] = torch.le(context[None, :], step[:, None]).tril_(pb - pa).sum(-1, dtype=torch.int32)
+            return counts / self.denominator
+        # each request's past then step, padded with NaN, which compares False
+        table = scores.new_full((self.num_requests, self.width), float("nan"))
+        if past_scores is not None and len(past_scores):
+            table[self.past_rid, self.past_off] = past_scores
+        table[self.rid, self.max_past + self.off] = scores
+        for sl, visible in self.chunks:
+            counts[sl] = torch.le(table[self.rid[sl]], scores[sl, None]).logical_and_(visible).sum(-1, dtype=torch.int32)
+        return counts / self.denominator
+
+
 def causal_rank(
     scores: Tensor,
     cu_seqlens: Tensor,
     past_scores: Tensor | None = None,
     past_cu_seqlens: Tensor | None = None,
+    layout: RankLayout | None = None,
 ) -> Tensor:
-    """rank_i of every step token; the past (earlier tokens of each request, e.g. from the
-    KV cache) is given as `past_scores` split by `past_cu_seqlens`.  Without a past the step
-    is taken to be whole requests.  Split-independent: any split of a request into a past
-    and a step gives the same ranks as the whole sequence."""
-    num_requests = len(cu_seqlens) - 1
-    if past_scores is None:
-        past_scores = scores.new_empty(0)
-        past_cu_seqlens = torch.zeros_like(cu_seqlens)
-    n_past = past_cu_seqlens[1:] - past_cu_seqlens[:-1]
-    n_step = cu_seqlens[1:] - cu_seqlens[:-1]
-    max_past = int(n_past.max()) if num_requests else 0
-    max_step = int(n_step.max()) if num_requests else 0
-    # Each request's past then step, padded with NaN, which compares False.
-    table = scores.new_full((num_requests, max_past + max_step), float("nan"))
-    if len(past_scores):
-        table[request_ids(past_cu_seqlens), local_index(past_cu_seqlens)] = past_scores
-    rid, off = request_ids(cu_seqlens), local_index(cu_seqlens)
-    table[rid, max_past + off] = scores
-    col = torch.arange(max_past + max_step, device=scores.device)
-    rank = scores.new_empty(len(scores), dtype=torch.float32)
-    for start in range(0, len(scores), 1024):  # bounds memory for long prompts
-        sl = slice(start, start + 1024)
-        visible = (col < max_past) | (col - max_past <= off[sl, None])
-        count = ((table[rid[sl]] <= scores[sl, None]) & visible).sum(-1)
-        rank[sl] = count / (n_past[rid[sl]] + off[sl] + 1)
-    return rank
+    """rank_i of every step token: the share of its request's tokens up to and including it
+    whose score is <= its own.  The past (earlier tokens of each request, e.g. from the KV
+    cache) is given as `past_scores` split by `past_cu_seqlens`.  Without a past the step is
+    taken to be whole requests.  Split-independent: any split of a request into a past and a
+    step gives the same ranks as the whole sequence."""
+    layout = layout or RankLayout(cu_seqlens, past_cu_seqlens)
+    return layout.rank(scores, past_scores)
 
 
 def position_feature(positions: Tensor, prompt_lens: Tensor) -> Tensor:
@@ -237,9 +270,10 @@ class Router(nn.Module):
         cu_seqlens: Tensor,
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
+        layout: RankLayout | None = None,
     ) -> Tensor:
         """Raw features [T, 4] of the step tokens at `block`; `prompt_lens` is per token."""
-        rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens)
+        rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens, layout)
         return router_features(scores, rank, positions, prompt_lens, self.sparsity[block])
 
     def block_logits(
@@ -251,9 +285,11 @@ class Router(nn.Module):
         cu_seqlens: Tensor,
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
+        layout: RankLayout | None = None,
     ) -> Tensor:
         """Router logits [T] of the step tokens at `block`, given their scores (and the past's)."""
-        raw = self.block_features(block, scores, positions, prompt_lens, cu_seqlens, past_scores, past_cu_seqlens)
+        raw = self.block_features(block, scores, positions, prompt_lens, cu_seqlens, past_scores, past_cu_seqlens,
+                                  layout)
         return self.mlp((raw - self.feature_mean[block]) / self.feature_std[block])
 
     def always_keep(self, positions: Tensor, prompt_lens: Tensor) -> Tensor:

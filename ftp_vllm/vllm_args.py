@@ -4,7 +4,7 @@ vLLM loads general plugins before it builds its argument parser, so the
 plugin can add a flag to `vllm serve` (and every command built on
 `EngineArgs`).  The flag is turned into what the engine already understands
 before any engine process starts: `hf_overrides` that switch the architecture
-to its FTP class and name the router checkpoint, plus eager mode.  A bad
+to its FTP class and name the router checkpoint.  A bad
 router stops start-up there with one line.
 """
 
@@ -19,7 +19,7 @@ from ftp_vllm import BASE_ARCHITECTURES
 ROUTER_HELP = (
     "FTP router: a checkpoint folder (router.safetensors + ftp_config.json) or the name "
     "of a router shipped with ftp_vllm, e.g. smollm2-135m-instruct-s30. Switches the model "
-    "to its FTP class (token routing); implies --enforce-eager."
+    "to its FTP class (token routing)."
 )
 
 
@@ -60,7 +60,6 @@ def apply_ftp_args(args: argparse.Namespace) -> None:
         if router:
             overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
             args.hf_overrides = routing_overrides(args.model, router, overrides)
-            args.enforce_eager = True
             install_server_routes(args, args.hf_overrides["ftp_router"])
     except (ModelError, ValueError, OSError) as e:
         raise SystemExit(f"ftp-vllm: error: {e}") from None

@@ -95,3 +95,15 @@ def calibrated_router(model, sparsity, lengths=(40, 40), prompt_lens=None, decod
     calibrate_router_inputs(model, router, ids, cu)
     out = calibrate_router_thresholds(model, router, ids, cu, prompt_lens)
     return router, ids, cu, out
+
+
+def decode_routed_router(out) -> str:
+    """The shipped 30% router with decode tokens routed too (its prompt schedule and
+    thresholds), so that preemption has decode-token decisions to recompute."""
+    from ftp_vllm.checkpoint import load_checkpoint, save_checkpoint
+
+    router, config = load_checkpoint("smollm2-135m-instruct-s30")
+    router.set_schedule(router.sparsity.tolist(), router.sparsity.tolist())
+    router.threshold_decode.copy_(router.threshold_prompt)
+    config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
+    return str(save_checkpoint(out, router, config))

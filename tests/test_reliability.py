@@ -4,23 +4,11 @@ same engine as `vllm serve`; the server-side faults are in test_serve.py)."""
 
 import pytest
 
-from .conftest import real_prompts, run_engines
+from .conftest import decode_routed_router, real_prompts, run_engines
 
 pytestmark = pytest.mark.engine
 
 NEW_TOKENS = 16
-
-
-def decode_routed_router(out) -> str:
-    """The shipped 30% router with decode tokens routed too (its prompt schedule and
-    thresholds), so that preemption has decode-token decisions to recompute."""
-    from ftp_vllm.checkpoint import load_checkpoint, save_checkpoint
-
-    router, config = load_checkpoint("smollm2-135m-instruct-s30")
-    router.set_schedule(router.sparsity.tolist(), router.sparsity.tolist())
-    router.threshold_decode.copy_(router.threshold_prompt)
-    config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
-    return str(save_checkpoint(out, router, config))
 
 
 def mixed_prompts(n: int) -> list[str]:

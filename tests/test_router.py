@@ -20,7 +20,14 @@ def ties_and_noise(n, seed):
     return torch.where(torch.rand(n, generator=g) < 0.3, torch.randint(0, 3, (n,), generator=g).float(), torch.randn(n, generator=g))
 
 
-def test_causal_rank_matches_definition():
+@pytest.fixture(params=["per-request", "padded-table"])
+def rank_path(request, monkeypatch):
+    """Both ways `RankLayout` computes ranks (few requests / many requests)."""
+    monkeypatch.setattr(R.RankLayout, "LOOP_MAX_REQUESTS", 16 if request.param == "per-request" else 0)
+    return request.param
+
+
+def test_causal_rank_matches_definition(rank_path):
     cu = torch.tensor([0, 7, 8, 30])
     scores = ties_and_noise(30, 0)
     assert torch.equal(R.causal_rank(scores, cu), brute_rank(scores, cu))
@@ -28,7 +35,7 @@ def test_causal_rank_matches_definition():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_causal_rank_split_independent(seed):
+def test_causal_rank_split_independent(seed, rank_path):
     """Any split into past (cache) + chunks of steps gives the whole-sequence ranks."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 40, (4,), generator=g)

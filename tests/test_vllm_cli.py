@@ -43,7 +43,7 @@ def test_router_becomes_overrides(tiny_llama, tmp_path):
     args = namespace(tiny_llama, str(router))
     apply_ftp_args(args)
     assert args.hf_overrides == {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router)}
-    assert args.enforce_eager is True
+    assert args.enforce_eager is False  # routing runs in vLLM's default compiled mode too
     assert args.middleware == ["ftp_vllm.server_routes.FTPRoutes"]
 
 

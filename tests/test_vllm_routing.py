@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from .conftest import real_prompts, run_engines
+from .conftest import decode_routed_router, real_prompts, run_engines
 
 pytestmark = pytest.mark.engine
 
@@ -132,3 +132,49 @@ def test_tensor_parallel_equals_single_rank(tiny_llama, tiny_router, tmp_path):
         assert a and {s["rank"] for s in b} == {0, 1}
         for rank in (0, 1):
             assert [s["keep"] for s in b if s["rank"] == rank] == [s["keep"] for s in a]
+
+
+def test_fast_path_equals_simple_path_real_model(real_model, tmp_path):
+    """The fast path (query, attention, output projection and MLP for kept tokens only) makes
+    the simple path's decisions and greedy tokens: real model, the shipped 30% router with
+    decode tokens routed too, float32, 8 prompts in one batch, prefill chunked at 256 tokens
+    and mixed with decode steps."""
+    from transformers import AutoTokenizer
+
+    router = decode_routed_router(tmp_path / "router")
+    tok = AutoTokenizer.from_pretrained(real_model)
+    lengths = (70, 120, 180, 250, 300, 90, 200, 330)
+    prompts = [{"prompt_token_ids": tok(t)["input_ids"][:n]} for t, n in zip(real_prompts(8, words=400), lengths)]
+    llm = {"model": real_model, "dtype": "float32", "max_model_len": 1024, "max_num_batched_tokens": 256,
+           "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": router}}
+    simple, fast = run_engines([
+        {"llm": llm, "prompts": prompts, "max_tokens": NEW_TOKENS,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / f"{path}.jsonl"), "FTP_VLLM_PATH": path}}
+        for path in ("simple", "fast")
+    ])
+    assert fast["tokens"] == simple["tokens"]
+    steps_simple, steps_fast = simple["traces"][0], fast["traces"][0]
+    assert len(steps_fast) == len(steps_simple) > len(lengths)
+    for a, b in zip(steps_simple, steps_fast):
+        assert (a["positions"], a["keep"]) == (b["positions"], b["keep"])
+    kept = [k for s in steps_fast for mask in s["keep"].values() for k in mask]
+    assert 0 < sum(kept) < len(kept)
+
+
+def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
+    """vLLM's default compiled mode runs the routed blocks as an opaque op inside the
+    compiled graph: same decisions and greedy tokens as eager (float32)."""
+    _, _, folder, tok = tiny_router
+    prompts = [{"prompt_token_ids": tok(t)["input_ids"][:n]} for t, n in zip(real_prompts(4, words=300), (40, 150, 200, 260))]
+    llm = {"model": tiny_llama, "dtype": "float32", "max_model_len": 512, "max_num_batched_tokens": 128,
+           "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": folder}}
+    eager, compiled = run_engines([
+        {"llm": {**llm, "enforce_eager": mode == "eager"}, "prompts": prompts, "max_tokens": NEW_TOKENS,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / f"{mode}.jsonl")}}
+        for mode in ("eager", "compiled")
+    ])
+    assert compiled["tokens"] == eager["tokens"]
+    assert [(s["positions"], s["keep"]) for s in compiled["traces"][0]] == \
+        [(s["positions"], s["keep"]) for s in eager["traces"][0]]
+    kept = [k for s in compiled["traces"][0] for mask in s["keep"].values() for k in mask]
+    assert 0 < sum(kept) < len(kept)

@@ -17,9 +17,16 @@ score cache beside the KV cache, indexed by the same slots, so they are
 recomputed with the KV entries on preemption and shared with them on a
 prefix-cache hit.
 
-Cost of this first version: attention still runs for every token (the cache
-write needs the keys anyway) and a skipped token's query is computed and
-dropped; only the output projection and the MLP are gathered to kept tokens.
+Two paths compute the same thing (same keep masks; `FTP_VLLM_PATH=simple`
+picks the first):
+
+* simple: the stock attention call for every token, then the output
+  projection and MLP gathered to kept tokens;
+* fast (default): the K/V projection for every token and its cache write,
+  the query projection, attention, output projection and MLP for kept tokens
+  only (attention at the kept queries' own positions, see
+  `ftp_vllm.kernels.attention`).  Routed blocks get the query and K/V
+  projections as separate layers, split from the fused one after loading.
 """
 
 from __future__ import annotations
@@ -36,9 +43,12 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.torch_utils import direct_register_custom_op
 
-from ftp_vllm.router import local_index, request_ids
+from ftp_vllm.kernels import attention as kept_attention
+from ftp_vllm.router import RankLayout, local_index, request_ids
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
 
@@ -80,6 +90,9 @@ class StepRouting:
     slots: Tensor  # [T] each token's cache slot
     past_slots: Tensor  # cache slots of every request's earlier tokens, request by request
     past_cu_seqlens: Tensor  # [R+1]
+    requests: Tensor  # [T] each token's request
+    block_table: Tensor  # [R, pages] the attention metadata's
+    rank_layout: RankLayout  # shared by every block of the step
 
     @classmethod
     def of(cls, metadata, block_size: int) -> StepRouting:
@@ -97,6 +110,9 @@ class StepRouting:
             slots=metadata.slot_mapping[:num_tokens],
             past_slots=past_slots,
             past_cu_seqlens=past_cu,
+            requests=request_ids(cu),
+            block_table=metadata.block_table,
+            rank_layout=RankLayout(cu, past_cu),
         )
 
 
@@ -111,6 +127,7 @@ class RoutingState(nn.Module):
         self.block_size = block_size
         self.step: StepRouting | None = None
         self.score_cache: Tensor | None = None
+        self.fast = os.environ.get("FTP_VLLM_PATH", "fast") != "simple"
         num_blocks = router.num_blocks
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(num_blocks, 4, dtype=torch.int64), persistent=False)
@@ -152,7 +169,8 @@ class RoutingState(nn.Module):
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         past = self.score_cache[block, step.past_slots]
-        logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past, step.past_cu_seqlens)
+        logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
+                                     step.past_cu_seqlens, step.rank_layout)
         keep = router.keep(block, logits, positions, step.prompt_lens)
         self.score_cache[block, step.slots] = scores
         is_prompt = positions < step.prompt_lens
@@ -162,6 +180,25 @@ class RoutingState(nn.Module):
         if self._trace_path:
             self._trace[block] = keep
         return keep
+
+    def attend(self, layer, q: Tensor, kept: Tensor, positions: Tensor) -> Tensor | None:
+        """Attention [N, H, D] of the kept queries q [N, H, D] at their positions over the
+        paged cache (which already holds the step's K/V); None where no kernel here fits
+        the backend, and the layer takes the simple path."""
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+        step, impl = self.step, layer.impl
+        requests = step.requests[kept]
+        if isinstance(impl, CPUAttentionBackendImpl):
+            return _cpu_attention(layer, q, kept, requests, positions, step.block_table)
+        plain = (getattr(impl, "sliding_window", None) in (None, -1, (-1, -1)) and impl.alibi_slopes is None
+                 and not getattr(impl, "logits_soft_cap", 0) and getattr(impl, "sinks", None) is None
+                 and impl.kv_cache_dtype == "auto" and layer.kv_cache.dim() == 4)
+        if q.is_cuda and kept_attention.triton is not None and plain:
+            key_cache, value_cache = layer.kv_cache.transpose(1, 2).split(impl.head_size, dim=-1)
+            return kept_attention.attention_at_positions(
+                q, positions, requests, step.block_table, key_cache, value_cache, impl.scale)
+        return None
 
     def end_step(self, positions: Tensor) -> None:
         if self.step is None:
@@ -232,6 +269,7 @@ class RoutedDecoderLayer(nn.Module):
     def __init__(self, *args, prefix: str = "", **kwargs):
         super().__init__(*args, prefix=prefix, **kwargs)
         self.layer_idx = extract_layer_index(prefix)
+        self.prefix = prefix
         self.routing: tuple[RoutingState] | tuple = ()  # a tuple: not a submodule of every layer
 
     def forward(
@@ -245,36 +283,140 @@ class RoutedDecoderLayer(nn.Module):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        state = self.routing[0] if self.routing else None
-        if state is None or state.step is None or state.router.is_dense(self.layer_idx):
-            hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-            return self.mlp(hidden_states), residual
-        return self._routed(state, positions, hidden_states, residual)
+        if self.routing and not self.routing[0].router.is_dense(self.layer_idx):
+            if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
+                return torch.ops.vllm.ftp_routed_layer(positions, hidden_states, residual, self.prefix), residual
+            return self.routed_forward(positions, hidden_states, residual)
+        return self._dense(positions, hidden_states, residual)
+
+    def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        hidden_states = self.self_attn(positions=positions, hidden_states=normed)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+    def routed_forward(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything after the input norm of a routed block (dense on warm-up steps)."""
+        state = self.routing[0]
+        if state.step is None:
+            return self._dense(positions, normed, residual)
+        return self._routed(state, positions, normed, residual)
 
     def _routed(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         attn = self.self_attn
         num_tokens = len(state.step.slots)
-        qkv, _ = attn.qkv_proj(normed)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        split = getattr(attn, "kv_proj", None) is not None and state.fast
+        if split:
+            k, v = attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
+        else:
+            q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         keys = k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim)
         kv_cache = attn.attn.kv_cache
         num_slots = kv_cache.numel() // (2 * attn.num_kv_heads * attn.head_dim)
-        keep = torch.ones(len(normed), dtype=torch.bool, device=normed.device)
+        keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
         keep[:num_tokens] = state.decide(self.layer_idx, keys, positions[:num_tokens], num_slots)
-        q, k = attn.rotary_emb(positions, q, k)
-        attn_out = attn.attn(q, k, v)  # every token: its K/V must reach the cache
-        if bool(keep.all()):
-            out, _ = attn.o_proj(attn_out)
-            out, residual = self.post_attention_layernorm(out, residual)
-            return self.mlp(out), residual
         kept = keep.nonzero().squeeze(1)
+        if len(kept) == len(normed):  # nothing skipped: the stock computation
+            if split:
+                q = attn.q_proj(normed)[0]
+            q, k = attn.rotary_emb(positions, q, k)
+            return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
+        attn_out = None
+        if split:
+            if len(kept) == 0:  # every token skips: only the cache write
+                k = attn.rotary_emb(positions, k, None)[0]
+                unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
+                                        v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
+                return torch.zeros_like(normed), residual
+            q = attn.q_proj(normed[kept])[0]
+            q, k = attn.rotary_emb(positions[kept], q, None)[0], attn.rotary_emb(positions, k, None)[0]
+            unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
+                                    v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
+            attn_out = state.attend(attn.attn, q.view(len(kept), attn.num_heads, attn.head_dim), kept, positions[kept])
+            if attn_out is None:  # no kernel for this backend: full attention
+                q = attn.q_proj(normed)[0]
+                q = attn.rotary_emb(positions, q, None)[0]
+        if attn_out is None:
+            if not split:
+                q, k = attn.rotary_emb(positions, q, k)
+            attn_out = attn.attn(q, k, v)[kept]  # every token: its K/V must reach the cache
         delta = torch.zeros_like(normed)
-        delta[kept] = attn.o_proj(attn_out[kept])[0]
-        normed, residual = self.post_attention_layernorm(delta, residual)  # skipped: residual + 0
+        delta[kept] = attn.o_proj(attn_out.reshape(len(kept), -1))[0]
+        return self._finish(delta, residual, kept)
+
+    def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor | None):
+        """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
+        normed, residual = self.post_attention_layernorm(delta, residual)
+        if kept is None:
+            return self.mlp(normed), residual
         out = torch.zeros_like(normed)
         out[kept] = self.mlp(normed[kept])
         return out, residual
+
+
+def _cpu_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions: Tensor,
+                   block_table: Tensor) -> Tensor:
+    """vLLM's CPU attention kernel over runs of consecutive kept queries (see `query_runs`)."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    impl = layer.impl
+    query_start_loc, seq_lens, run_requests = kept_attention.query_runs(kept, requests, positions)
+    num_blocks, num_kv_heads, block_size, _ = layer.kv_cache.shape
+    key_cache, value_cache = layer.kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(seq_lens), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads,
+        head_dim=impl.head_size, seq_lens=seq_lens, dtype=q.dtype, query_start_loc=query_start_loc,
+        causal=True, sliding_window_size=impl.sliding_window, isa=layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    out = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=impl.scale, causal=True,
+        alibi_slopes=impl.alibi_slopes, sliding_window=impl.sliding_window,
+        block_table=block_table[run_requests], softcap=impl.logits_soft_cap,
+        scheduler_metadata=scheduler_metadata, s_aux=impl.sinks,
+        k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    return out
+
+
+def split_qkv(attn: nn.Module) -> None:
+    """Give a routed block separate query and K/V projections (the fused one stays for
+    dense steps): a skipped token must not pay for its query.  Called after the
+    weights are loaded and before vLLM's post-load processing packs them."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    fused = attn.qkv_proj
+    if type(fused.quant_method).__name__ != "UnquantizedLinearMethod":
+        return  # quantized: the fast path computes the fused projection
+    weight, bias = fused.weight.data, fused.bias.data if fused.bias is not None else None
+    for name, rows in (("q_proj", slice(0, attn.q_size)), ("kv_proj", slice(attn.q_size, None))):
+        part = ReplicatedLinear(weight.shape[1], weight[rows].shape[0], bias=bias is not None,
+                                params_dtype=weight.dtype, prefix=f"{fused.prefix}.ftp_{name}")
+        part.to(weight.device)
+        part.weight.data.copy_(weight[rows])
+        if bias is not None:
+            part.bias.data.copy_(bias[rows])
+        setattr(attn, name, part)
+
+
+_ROUTED_LAYERS: dict[str, RoutedDecoderLayer] = {}  # by prefix; one engine per process
+
+
+def _routed_layer_op(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
+    """A routed block for compiled graphs: returns the hidden states, updates `residual` in place."""
+    hidden, updated = _ROUTED_LAYERS[prefix].routed_forward(positions, normed, residual)
+    if updated is not residual:
+        residual.copy_(updated)
+    return hidden
+
+
+def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
+    return torch.empty_like(normed)
+
+
+direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual"], fake_impl=_routed_layer_fake)
 
 
 def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
@@ -284,12 +426,8 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
     path = getattr(hf_config, "ftp_router", None)
     if not path:
         return None
-    from vllm.config import CompilationMode
-
     from ftp_vllm.checkpoint import load_checkpoint
 
-    if vllm_config.compilation_config.mode != CompilationMode.NONE:
-        raise ValueError("FTP routing runs in eager mode for now: pass --enforce-eager (LLM(enforce_eager=True))")
     default_dtype = torch.get_default_dtype()  # vLLM builds models under the serving dtype
     torch.set_default_dtype(torch.float32)
     try:
@@ -310,9 +448,26 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
     for layer in model.model.layers:
         if isinstance(layer, RoutedDecoderLayer):
             layer.routing = (state,)
+            _ROUTED_LAYERS[layer.prefix] = layer
+    _keep_routing_out_of_graphs(vllm_config.compilation_config)
     install_step_hook()
     logger.info("FTP router %s: target sparsity %s", path, config.get("target_sparsity"))
     return state
+
+
+def _keep_routing_out_of_graphs(compilation_config) -> None:
+    """Piecewise compilation splits the graph at the routed-layer op, and CUDA graphs
+    (fixed shapes) capture only the pieces between: a routed step's shapes depend on
+    its data.  On CPUs vLLM compiles the whole graph and calls the op from it."""
+    from vllm.config import CUDAGraphMode
+
+    op = "vllm::ftp_routed_layer"
+    if compilation_config.splitting_ops is not None and op not in compilation_config.splitting_ops:
+        compilation_config.splitting_ops.append(op)
+    mode = compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (routed steps have data-dependent shapes)", mode.name)
+        compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 class FTPModelMixin:
@@ -333,4 +488,7 @@ class FTPModelMixin:
         loaded = super().load_weights(weights)
         if self.ftp is not None:  # loaded with the model from its own checkpoint
             loaded |= {name for name, _ in self.named_parameters() if name.startswith("ftp.")}
+            for layer in self.model.layers:
+                if isinstance(layer, RoutedDecoderLayer) and not self.ftp.router.is_dense(layer.layer_idx):
+                    split_qkv(layer.self_attn)
         return loaded
