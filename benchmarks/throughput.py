@@ -8,8 +8,9 @@ whose thresholds keep every token: the routing overhead alone), `ftp` with each
 token: the routed layers' simple path; not run by default), and `shortgpt`
 (the model with round(s * B) blocks of lowest Block Influence removed, s the
 first router's target) - each in its own engine
-process, all alive at once, so that the workloads run interleaved: every
-repetition runs every method on the workload before the next workload starts.
+process, all of one mode alive at once, so that the workloads run interleaved:
+every repetition runs every method on the workload before the next workload
+starts.  Modes run one after the other (engines of both may not fit in memory).
 Workloads (`vllm bench throughput` style; real text, token ids of exact
 lengths, `ignore_eos`):
 
@@ -254,21 +255,23 @@ def main(argv=None) -> int:
 
     from tqdm.auto import tqdm
 
-    print(f"starting {len(specs)} engines (logs in {work})", flush=True)
-    engines = {s["name"]: Engine(s, work / f"{s['name'].replace(' ', '_')}.log") for s in tqdm(specs, desc="engines")}
     runs: dict[tuple[str, str], list[dict]] = {}
-    try:
-        total = args.repeats * len(args.workloads) * len(specs)
-        with tqdm(total=total, desc="runs") as bar:
-            for rep in range(args.repeats):
-                for wl in args.workloads:
-                    order = specs if rep % 2 == 0 else specs[::-1]  # alternate the order between repetitions
-                    for s in order:
-                        runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
-                        bar.update(1)
-    finally:
-        for e in engines.values():
-            e.close()
+    print(f"engine logs in {work}", flush=True)
+    for mode in args.modes:  # one mode's engines at a time: all of them at once may not fit in memory
+        group = [s for s in specs if s["mode"] == mode]
+        engines = {s["name"]: Engine(s, work / f"{s['name'].replace(' ', '_')}.log")
+                   for s in tqdm(group, desc=f"{mode} engines")}
+        try:
+            with tqdm(total=args.repeats * len(args.workloads) * len(group), desc=f"{mode} runs") as bar:
+                for rep in range(args.repeats):
+                    for wl in args.workloads:
+                        order = group if rep % 2 == 0 else group[::-1]  # alternate the order between repetitions
+                        for s in order:
+                            runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
+                            bar.update(1)
+        finally:
+            for e in engines.values():
+                e.close()
 
     results = []
     for wl in args.workloads:

@@ -304,7 +304,8 @@ class RoutedDecoderLayer(nn.Module):
     def _routed(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         attn = self.self_attn
         num_tokens = len(state.step.slots)
-        split = getattr(attn, "kv_proj", None) is not None and state.fast
+        split = (getattr(attn, "kv_proj", None) is not None and state.fast  # the cache write is a separate op:
+                 and not attn.attn.attn_backend.forward_includes_kv_cache_update)  # skipped tokens need it alone
         if split:
             k, v = attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
         else:
