@@ -253,6 +253,10 @@ class Router(nn.Module):
     def _sync_targets(self) -> None:
         self._targets = list(zip(self.sparsity.tolist(), self.decode_sparsity.tolist()))
 
+    def targets(self, block: int) -> tuple[float, float]:
+        """(prompt, decode) target sparsity of `block`, from the host copy."""
+        return self._targets[block]
+
     def is_dense(self, block: int) -> bool:
         """True when block keeps every token: callers then skip the router (no host sync)."""
         return self._targets[block] == (0.0, 0.0)

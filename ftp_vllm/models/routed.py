@@ -93,9 +93,11 @@ class StepRouting:
     requests: Tensor  # [T] each token's request
     block_table: Tensor  # [R, pages] the attention metadata's
     rank_layout: RankLayout  # shared by every block of the step
+    is_prompt: Tensor  # [T]
+    num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
 
     @classmethod
-    def of(cls, metadata, block_size: int) -> StepRouting:
+    def of(cls, metadata, block_size: int, positions: Tensor) -> StepRouting:
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(_StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
@@ -104,15 +106,19 @@ class StepRouting:
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
         past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
+        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, n_step, output_size=num_tokens)
+        is_prompt = positions[:num_tokens] < prompt_lens
         return cls(
             cu_seqlens=cu,
-            prompt_lens=torch.repeat_interleave(_StepPrompts.prompt_lens, n_step, output_size=num_tokens),
+            prompt_lens=prompt_lens,
             slots=metadata.slot_mapping[:num_tokens],
             past_slots=past_slots,
             past_cu_seqlens=past_cu,
             requests=request_ids(cu),
             block_table=metadata.block_table,
             rank_layout=RankLayout(cu, past_cu),
+            is_prompt=is_prompt,
+            num_prompt=int(is_prompt.sum()),
         )
 
 
@@ -148,7 +154,7 @@ class RoutingState(nn.Module):
                 self._write_stats(self.stats(counts))
                 written = counts
 
-    def begin_step(self, layer_name: str) -> None:
+    def begin_step(self, layer_name: str, positions: Tensor) -> None:
         self.step = None
         if not is_forward_context_available() or _StepPrompts.prompt_lens is None:
             return
@@ -157,23 +163,46 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        self.step = StepRouting.of(metadata, self.block_size)
+        self.step = StepRouting.of(metadata, self.block_size, positions)
         self._trace.clear()
+
+    def routes(self, block: int) -> bool:
+        """Whether some token of the step may skip `block`: not when the step holds only
+        kinds of token (prompt, decode) whose target there is 0, e.g. decode steps of a
+        router that keeps decode tokens dense."""
+        prompt_target, decode_target = self.router.targets(block)
+        step = self.step
+        return (prompt_target > 0 and step.num_prompt > 0) or (decode_target > 0 and step.num_prompt < len(step.slots))
+
+    def _scores(self, block: int, keys: Tensor, num_slots: int) -> Tensor:
+        """Router scores of the step's tokens, also written to the score cache at their slots."""
+        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
+            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=keys.device)
+        scores = self.router.block_scores(block, keys)
+        if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
+            scores = tensor_model_parallel_all_reduce(scores)
+        self.score_cache[block, self.step.slots] = scores
+        return scores
+
+    def keep_all(self, block: int, keys: Tensor, num_slots: int) -> None:
+        """A step in which `block` keeps every token: scores to the cache (later tokens rank
+        against them), counts, no decisions."""
+        self._scores(block, keys, num_slots)
+        step = self.step
+        num_decode = len(step.slots) - step.num_prompt
+        self.counts[block] += torch.tensor([step.num_prompt, step.num_prompt, num_decode, num_decode])
+        if self._trace_path:
+            self._trace[block] = torch.ones(len(step.slots), dtype=torch.bool)
 
     def decide(self, block: int, keys: Tensor, positions: Tensor, num_slots: int) -> Tensor:
         """Keep mask [T] of the step's tokens at `block` from their pre-rotary keys [T, KV, d]."""
         step, router = self.step, self.router
-        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
-            self.score_cache = torch.zeros(router.num_blocks, num_slots, dtype=torch.float32, device=keys.device)
-        scores = router.block_scores(block, keys)
-        if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
-            scores = tensor_model_parallel_all_reduce(scores)
-        past = self.score_cache[block, step.past_slots]
+        scores = self._scores(block, keys, num_slots)
+        past = self.score_cache[block, step.past_slots]  # other slots than the step's
         logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
                                      step.past_cu_seqlens, step.rank_layout)
         keep = router.keep(block, logits, positions, step.prompt_lens)
-        self.score_cache[block, step.slots] = scores
-        is_prompt = positions < step.prompt_lens
+        is_prompt = step.is_prompt
         self.counts[block] += torch.stack([
             (keep & is_prompt).sum(), is_prompt.sum(), (keep & ~is_prompt).sum(), (~is_prompt).sum(),
         ])
@@ -301,7 +330,24 @@ class RoutedDecoderLayer(nn.Module):
             return self._dense(positions, normed, residual)
         return self._routed(state, positions, normed, residual)
 
+    def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
+        """A step with nothing to decide at this block: the stock computation, plus the
+        scores that later tokens rank against."""
+        attn = self.self_attn
+        num_tokens = len(state.step.slots)
+        q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        state.keep_all(self.layer_idx, k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim),
+                       self._num_slots())
+        q, k = attn.rotary_emb(positions, q, k)
+        return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
+
+    def _num_slots(self) -> int:
+        attn = self.self_attn
+        return attn.attn.kv_cache.numel() // (2 * attn.num_kv_heads * attn.head_dim)
+
     def _routed(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
+        if not state.routes(self.layer_idx):
+            return self._keep_all(state, positions, normed, residual)
         attn = self.self_attn
         num_tokens = len(state.step.slots)
         split = (getattr(attn, "kv_proj", None) is not None and state.fast  # the cache write is a separate op:
@@ -311,10 +357,8 @@ class RoutedDecoderLayer(nn.Module):
         else:
             q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         keys = k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim)
-        kv_cache = attn.attn.kv_cache
-        num_slots = kv_cache.numel() // (2 * attn.num_kv_heads * attn.head_dim)
         keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
-        keep[:num_tokens] = state.decide(self.layer_idx, keys, positions[:num_tokens], num_slots)
+        keep[:num_tokens] = state.decide(self.layer_idx, keys, positions[:num_tokens], self._num_slots())
         kept = keep.nonzero().squeeze(1)
         if len(kept) == len(normed):  # nothing skipped: the stock computation
             if split:
@@ -480,7 +524,7 @@ class FTPModelMixin:
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if self.ftp is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        self.ftp.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name)
+        self.ftp.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.ftp.end_step(positions)
         return out
