@@ -7,10 +7,10 @@ whose thresholds keep every token: the routing overhead alone), `ftp` with each
 `--routers` router, `ftp-simple` (the first router with attention for every
 token: the routed layers' simple path; not run by default), and `shortgpt`
 (the model with round(s * B) blocks of lowest Block Influence removed, s the
-first router's target) - each in its own engine
-process, all of one mode alive at once, so that the workloads run interleaved:
-every repetition runs every method on the workload before the next workload
-starts.  Modes run one after the other (engines of both may not fit in memory).
+first router's target) - each in its own engine process, all of one mode alive
+at once, so that the workloads run interleaved: every repetition runs every
+method on the workload before the next workload starts.  Modes run one after
+the other (engines of both may not fit in memory).
 Workloads (`vllm bench throughput` style; real text, token ids of exact
 lengths, `ignore_eos`):
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     ftp_class = {"architectures": ["FTPLlamaForCausalLM"]}
     keep_all = shortgpt = None
     if "ftp-keep-all" in args.methods:
-        router, ckpt = load_checkpoint(resolve_router(args.routers[0]))
+        router, _ = load_checkpoint(resolve_router(args.routers[0]))
         router.threshold_prompt.fill_(float("-inf"))
         router.threshold_decode.fill_(float("-inf"))
         keep_all = save_checkpoint(work / "keep-all", router, {"base_model": fingerprint(folder)})
@@ -230,28 +230,25 @@ def main(argv=None) -> int:
     def routed(path, env=None):
         return {"hf_overrides": {**ftp_class, "ftp_router": str(path)}}, env or {}
 
-    specs = []
-    for mode in args.modes:
-        engine = {**base, "enforce_eager": mode == "eager"}
-        suffix = "" if mode == "eager" else f" {mode}"
-        rows = []  # (name, method, router, sparsity, llm overrides, env, extra)
-        if "dense" in args.methods:
-            rows.append(("dense", "dense", None, 0.0, {}, {}, {}))
-        if keep_all is not None:
-            rows.append(("ftp-keep-all", "ftp-keep-all", None, 0.0, *routed(keep_all), {}))
-        for name in args.routers if "ftp" in args.methods else []:
-            path = resolve_router(name)
-            rows.append((f"ftp {name}", "ftp", name, load_checkpoint(path)[1]["target_sparsity"], *routed(path), {}))
-        if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
-            path = resolve_router(args.routers[0])
-            rows.append((f"ftp-simple {args.routers[0]}", "ftp-simple", args.routers[0],
-                         load_checkpoint(path)[1]["target_sparsity"], *routed(path, {"FTP_VLLM_PATH": "simple"}), {}))
-        if shortgpt is not None:
-            rows.append(("shortgpt", "shortgpt", None, len(shortgpt[1]) / config["num_hidden_layers"],
-                         {"model": str(shortgpt[0])}, {}, {"dropped_blocks": shortgpt[1]}))
-        for name, method, router_name, sparsity, llm, env, extra in rows:
-            specs.append({"name": name + suffix, "method": method, "router": router_name, "mode": mode,
-                          "sparsity": sparsity, "llm": {**engine, **llm}, "env": env, **extra})
+    rows = []  # (name, method, router, sparsity, llm overrides, env, extra)
+    if "dense" in args.methods:
+        rows.append(("dense", "dense", None, 0.0, {}, {}, {}))
+    if keep_all is not None:
+        rows.append(("ftp-keep-all", "ftp-keep-all", None, 0.0, *routed(keep_all), {}))
+    for name in args.routers if "ftp" in args.methods else []:
+        path = resolve_router(name)
+        rows.append((f"ftp {name}", "ftp", name, load_checkpoint(path)[1]["target_sparsity"], *routed(path), {}))
+    if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
+        path = resolve_router(args.routers[0])
+        rows.append((f"ftp-simple {args.routers[0]}", "ftp-simple", args.routers[0],
+                     load_checkpoint(path)[1]["target_sparsity"], *routed(path, {"FTP_VLLM_PATH": "simple"}), {}))
+    if shortgpt is not None:
+        rows.append(("shortgpt", "shortgpt", None, len(shortgpt[1]) / config["num_hidden_layers"],
+                     {"model": str(shortgpt[0])}, {}, {"dropped_blocks": shortgpt[1]}))
+    specs = [{"name": name + ("" if mode == "eager" else f" {mode}"), "method": method, "router": router_name,
+              "mode": mode, "sparsity": sparsity, "llm": {**base, "enforce_eager": mode == "eager", **llm},
+              "env": env, **extra}
+             for mode in args.modes for name, method, router_name, sparsity, llm, env, extra in rows]
 
     from tqdm.auto import tqdm
 

@@ -124,7 +124,6 @@ class RankLayout:
     def __init__(self, cu_seqlens: Tensor, past_cu_seqlens: Tensor | None = None):
         if past_cu_seqlens is None:
             past_cu_seqlens = torch.zeros_like(cu_seqlens)
-        self.cu, self.past_cu = cu_seqlens, past_cu_seqlens
         self.n_past = past_cu_seqlens[1:] - past_cu_seqlens[:-1]
         n_step = cu_seqlens[1:] - cu_seqlens[:-1]
         self.num_requests = len(n_step)

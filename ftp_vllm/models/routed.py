@@ -210,23 +210,21 @@ class RoutingState(nn.Module):
             self._trace[block] = keep
         return keep
 
-    def attend(self, layer, q: Tensor, kept: Tensor, positions: Tensor) -> Tensor | None:
-        """Attention [N, H, D] of the kept queries q [N, H, D] at their positions over the
-        paged cache (which already holds the step's K/V); None where no kernel here fits
-        the backend, and the layer takes the simple path."""
+    def kept_attention(self, layer):
+        """The fast path's attention for kept queries on `layer`'s backend (a function of
+        layer, q [N, H, D], kept, requests, positions, block_table), or None: the simple path."""
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
-        step, impl = self.step, layer.impl
-        requests = step.requests[kept]
+        impl = layer.impl
+        if not self.fast or layer.attn_backend.forward_includes_kv_cache_update:
+            return None  # skipped tokens need the cache write as an op of its own
         if isinstance(impl, CPUAttentionBackendImpl):
-            return _cpu_attention(layer, q, kept, requests, positions, step.block_table)
+            return _cpu_attention
         plain = (getattr(impl, "sliding_window", None) in (None, -1, (-1, -1)) and impl.alibi_slopes is None
                  and not getattr(impl, "logits_soft_cap", 0) and getattr(impl, "sinks", None) is None
                  and impl.kv_cache_dtype == "auto" and layer.kv_cache.dim() == 4)
-        if q.is_cuda and kept_attention.triton is not None and plain:
-            key_cache, value_cache = layer.kv_cache.transpose(1, 2).split(impl.head_size, dim=-1)
-            return kept_attention.attention_at_positions(
-                q, positions, requests, step.block_table, key_cache, value_cache, impl.scale)
+        if layer.kv_cache.is_cuda and kept_attention.triton is not None and plain:
+            return _triton_attention
         return None
 
     def end_step(self, positions: Tensor) -> None:
@@ -338,6 +336,11 @@ class RoutedDecoderLayer(nn.Module):
         q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         state.keep_all(self.layer_idx, k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim),
                        self._num_slots())
+        return self._attend_all(positions, q, k, v, residual)
+
+    def _attend_all(self, positions: Tensor, q: Tensor, k: Tensor, v: Tensor, residual: Tensor):
+        """The stock block from its projections: every token kept."""
+        attn = self.self_attn
         q, k = attn.rotary_emb(positions, q, k)
         return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
 
@@ -350,40 +353,30 @@ class RoutedDecoderLayer(nn.Module):
             return self._keep_all(state, positions, normed, residual)
         attn = self.self_attn
         num_tokens = len(state.step.slots)
-        split = (getattr(attn, "kv_proj", None) is not None and state.fast  # the cache write is a separate op:
-                 and not attn.attn.attn_backend.forward_includes_kv_cache_update)  # skipped tokens need it alone
-        if split:
-            k, v = attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
-        else:
+        kernel = state.kept_attention(attn.attn) if getattr(attn, "kv_proj", None) is not None else None
+        if kernel is None:  # simple path
             q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        else:
+            q, (k, v) = None, attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
         keys = k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim)
         keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
         keep[:num_tokens] = state.decide(self.layer_idx, keys, positions[:num_tokens], self._num_slots())
         kept = keep.nonzero().squeeze(1)
-        if len(kept) == len(normed):  # nothing skipped: the stock computation
-            if split:
-                q = attn.q_proj(normed)[0]
+        if len(kept) == len(normed):  # nothing skipped
+            return self._attend_all(positions, attn.q_proj(normed)[0] if q is None else q, k, v, residual)
+        if kernel is None:
             q, k = attn.rotary_emb(positions, q, k)
-            return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
-        attn_out = None
-        if split:
-            if len(kept) == 0:  # every token skips: only the cache write
-                k = attn.rotary_emb(positions, k, None)[0]
-                unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
-                                        v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
-                return torch.zeros_like(normed), residual
-            q = attn.q_proj(normed[kept])[0]
-            q, k = attn.rotary_emb(positions[kept], q, None)[0], attn.rotary_emb(positions, k, None)[0]
+            attn_out = attn.attn(q, k, v)[kept]  # every token: its K/V must reach the cache
+        else:
+            k = attn.rotary_emb(positions, k, None)[0]
             unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
                                     v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
-            attn_out = state.attend(attn.attn, q.view(len(kept), attn.num_heads, attn.head_dim), kept, positions[kept])
-            if attn_out is None:  # no kernel for this backend: full attention
-                q = attn.q_proj(normed)[0]
-                q = attn.rotary_emb(positions, q, None)[0]
-        if attn_out is None:
-            if not split:
-                q, k = attn.rotary_emb(positions, q, k)
-            attn_out = attn.attn(q, k, v)[kept]  # every token: its K/V must reach the cache
+            if len(kept) == 0:  # every token skips: only the cache write
+                return torch.zeros_like(normed), residual
+            q = attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
+            step = state.step
+            attn_out = kernel(attn.attn, q.view(len(kept), attn.num_heads, attn.head_dim), kept,
+                              step.requests[kept], positions[kept], step.block_table)
         delta = torch.zeros_like(normed)
         delta[kept] = attn.o_proj(attn_out.reshape(len(kept), -1))[0]
         return self._finish(delta, residual, kept)
@@ -424,6 +417,14 @@ def _cpu_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions: 
         k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
     )
     return out
+
+
+def _triton_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions: Tensor,
+                      block_table: Tensor) -> Tensor:
+    """The Triton kernel over vLLM's GPU cache, [blocks, kv_heads, block_size, 2 * head_dim]."""
+    key_cache, value_cache = layer.kv_cache.transpose(1, 2).split(layer.impl.head_size, dim=-1)
+    return kept_attention.attention_at_positions(q, positions, requests, block_table, key_cache, value_cache,
+                                                 layer.impl.scale)
 
 
 def split_qkv(attn: nn.Module) -> None:
