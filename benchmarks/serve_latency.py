@@ -3,7 +3,8 @@
     python benchmarks/serve_latency.py --json results/serve_latency.json
 
 Starts one server per configuration in turn (stock model; the same model with
-each `--routers` router), the same engine settings for all, and at each
+each `--routers` router), the same engine settings for all (vLLM's default
+compiled mode; `--enforce-eager` passes through like any other flag), and at each
 `--rates` (requests/s, Poisson arrivals) sends `--requests` streaming
 completions of mixed lengths from held-out text.  Reports TTFT, TPOT
 (time per output token after the first), ITL (gap between streamed tokens)
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
 
     from ftp_vllm.server_process import vllm_server
 
-    configs = [("dense", None, ["--enforce-eager"])] + [("ftp", r, ["--ftp-router", r]) for r in args.routers]
+    configs = [("dense", None, [])] + [("ftp", r, ["--ftp-router", r]) for r in args.routers]
+    mode = "eager" if "--enforce-eager" in serve_args else "compiled"
     requests = mixed_requests(args.requests, args.seed, prompt_words=(32, 400), outputs=(16, 64, 128))
     results = []
     logs = Path(tempfile.mkdtemp(prefix="serve-latency-"))
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
             run_load(server.base_url, args.model, requests[:4], concurrency=4)  # warm-up
             for rate in args.rates:
                 records, wall = run_load(server.base_url, args.model, requests, rate=rate, seed=args.seed)
-                row = {"method": method, "router": router, "rate": rate, "mode": "eager", **summarise(records, wall)}
+                row = {"method": method, "router": router, "rate": rate, "mode": mode, **summarise(records, wall)}
                 results.append(row)
                 print(f"  rate {rate:>5}/s: ttft p50 {row['ttft_s']['p50']} p99 {row['ttft_s']['p99']}  "
                       f"tpot p50 {row['tpot_s']['p50']}  e2e p50 {row['latency_s']['p50']} p99 {row['latency_s']['p99']}  "

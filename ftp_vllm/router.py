@@ -27,10 +27,13 @@ score_i   Attention score, the pre-softmax logit token i's key receives from
           rotations preserve dot products, <R(p_j) qbar, k'_j> = <qbar, k_j>,
           so earlier tokens' scores can be recomputed from the cache by
           rotating qbar to each cached position (or kept in a per-block score
-          buffer beside the cache).  For split-independence a token's score
-          must be bit-identical whether it is in the step or in the past:
-          compute step tokens' scores from their keys as rounded to the cache
-          dtype, in float32, with `key_scores`.
+          buffer beside the cache, as the vLLM layers do: a token's score is
+          then computed once, so it is the same whether the token is in the
+          step or in the past).  The score is linear in the normed hidden
+          state x_i: score_i = <W_k^T qbar, x_i> / sqrt(d) + const; the vLLM
+          layers compute it that way (`hidden_scores`), per row in float32,
+          so that no reduced-precision key GEMM, whose rounding depends on
+          the batch, moves a decision.
 rank_i    Relative score: the fraction of the request's tokens j <= i (i
           itself included) with score_j <= score_i.  In (0, 1]; the first
           token's rank is 1.
@@ -103,6 +106,26 @@ def fold_mean_query(mean_query: Tensor, num_kv_heads: int) -> Tensor:
     """[..., H, d] per-head mean queries -> [..., KV, d], scaled by 1/H (GQA groups are contiguous)."""
     *lead, heads, dim = mean_query.shape
     return mean_query.reshape(*lead, num_kv_heads, heads // num_kv_heads, dim).sum(-2) / heads
+
+
+def fold_key_projection(mean_query: Tensor, key_weight: Tensor, key_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(w [hidden], c): the score as a linear function of the input-normed hidden state x,
+    score = <w, x> + c, with w = W_k^T qbar / sqrt(d) and c = <qbar, b_k> / sqrt(d), from the
+    folded mean query [KV, d] and the key projection's rows [KV * d, hidden] (and bias)."""
+    scale = math.sqrt(mean_query.shape[-1])
+    query = mean_query.reshape(-1).double()
+    weight = query @ key_weight.double() / scale
+    bias = query @ key_bias.double() / scale if key_bias is not None else query.new_zeros(())
+    return weight.float(), bias.float()
+
+
+def hidden_scores(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """score per token from input-normed hidden states [T, hidden] and a folded key projection
+    (`fold_key_projection`), in float32 and per row: equal to `key_scores` up to float
+    rounding, but with no reduced-precision GEMM whose kernel, and so rounding, depends on
+    how many tokens share the step.  Serving engines use it; a token's decision near its
+    threshold must not flip with its batch neighbours."""
+    return (hidden.float() * weight).sum(-1) + bias
 
 
 def key_scores(keys: Tensor, mean_query: Tensor) -> Tensor:
@@ -263,6 +286,10 @@ class Router(nn.Module):
     def block_scores(self, block: int, keys: Tensor) -> Tensor:
         """score of step tokens from their pre-rotary keys [T, KV, d]."""
         return key_scores(keys, self.mean_query[block])
+
+    def fold(self, block: int, key_weight: Tensor, key_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`fold_key_projection` of `block` with the model's key projection rows."""
+        return fold_key_projection(self.mean_query[block], key_weight, key_bias)
 
     def block_features(
         self,

@@ -80,6 +80,21 @@ def test_key_score_definition_and_rotated_cache():
     torch.testing.assert_close(R.key_scores(rotate(k, cos, sin), rotated_q), expected)
 
 
+def test_hidden_scores_equal_key_scores_and_ignore_batch_neighbours():
+    """The folded key projection gives the keys' scores from the normed hidden states, and a
+    token's score is bit-identical whatever other rows share the call."""
+    KV, d, hidden, T = 2, 8, 24, 40
+    folded, x = torch.randn(KV, d), torch.randn(T, hidden)
+    wk, bk = torch.randn(KV * d, hidden), torch.randn(KV * d)
+    keys = (x @ wk.T + bk).view(T, KV, d)
+    weight, bias = R.fold_key_projection(folded, wk, bk)
+    scores = R.hidden_scores(x, weight, bias)
+    torch.testing.assert_close(scores, R.key_scores(keys, folded), rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(3, 7), slice(5, 40)):
+        assert torch.equal(R.hidden_scores(x[rows].bfloat16(), weight, bias),
+                           R.hidden_scores(x.bfloat16(), weight, bias)[rows])
+
+
 def test_position_feature_is_relative_to_the_prompt():
     """0 at the first token, 1 at the prompt's last and on every decode token, whatever the length."""
     pos = torch.tensor([0, 2, 4, 5, 6, 0, 50, 100])

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from vllm.config import CompilationMode
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -48,7 +49,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from ftp_vllm.kernels import attention as kept_attention
-from ftp_vllm.router import RankLayout, local_index, request_ids
+from ftp_vllm.router import RankLayout, hidden_scores, local_index, request_ids
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
 
@@ -133,6 +134,8 @@ class RoutingState(nn.Module):
         self.block_size = block_size
         self.step: StepRouting | None = None
         self.score_cache: Tensor | None = None
+        self.score_weight: Tensor | None = None  # [B, hidden], `fold_scores`
+        self.score_bias: Tensor | None = None  # [B]
         self.fast = os.environ.get("FTP_VLLM_PATH", "fast") != "simple"
         num_blocks = router.num_blocks
         # prompt kept, prompt total, decode kept, decode total; per block
@@ -174,30 +177,48 @@ class RoutingState(nn.Module):
         step = self.step
         return (prompt_target > 0 and step.num_prompt > 0) or (decode_target > 0 and step.num_prompt < len(step.slots))
 
-    def _scores(self, block: int, keys: Tensor, num_slots: int) -> Tensor:
-        """Router scores of the step's tokens, also written to the score cache at their slots."""
+    def fold_scores(self, block: int, attn: nn.Module) -> None:
+        """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`):
+        batch-invariant in any serving dtype.  Unquantized weights only; others score keys."""
+        fused = attn.qkv_proj
+        if type(fused.quant_method).__name__ != "UnquantizedLinearMethod":
+            return
+        rows = slice(attn.q_size, attn.q_size + attn.kv_size)
+        weight, bias = self.router.fold(block, fused.weight[rows], None if fused.bias is None else fused.bias[rows])
+        if self.score_weight is None:
+            self.score_weight = weight.new_zeros(self.router.num_blocks, len(weight))
+            self.score_bias = weight.new_zeros(self.router.num_blocks)
+        self.score_weight[block], self.score_bias[block] = weight, bias
+
+    def _scores(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> Tensor:
+        """Router scores of the step's tokens, also written to the score cache at their slots;
+        from their normed hidden states, or their keys where the key projection is not folded."""
         if self.score_cache is None or self.score_cache.shape[1] < num_slots:
-            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=keys.device)
-        scores = self.router.block_scores(block, keys)
+            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=normed.device)
+        if self.score_weight is not None:
+            scores = hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
+        else:
+            scores = self.router.block_scores(block, keys)
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         self.score_cache[block, self.step.slots] = scores
         return scores
 
-    def keep_all(self, block: int, keys: Tensor, num_slots: int) -> None:
+    def keep_all(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> None:
         """A step in which `block` keeps every token: scores to the cache (later tokens rank
         against them), counts, no decisions."""
-        self._scores(block, keys, num_slots)
+        self._scores(block, normed, keys, num_slots)
         step = self.step
         num_decode = len(step.slots) - step.num_prompt
         self.counts[block] += torch.tensor([step.num_prompt, step.num_prompt, num_decode, num_decode])
         if self._trace_path:
             self._trace[block] = torch.ones(len(step.slots), dtype=torch.bool)
 
-    def decide(self, block: int, keys: Tensor, positions: Tensor, num_slots: int) -> Tensor:
-        """Keep mask [T] of the step's tokens at `block` from their pre-rotary keys [T, KV, d]."""
+    def decide(self, block: int, normed: Tensor, keys: Tensor | None, positions: Tensor, num_slots: int) -> Tensor:
+        """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
+        pre-rotary keys [T, KV, d])."""
         step, router = self.step, self.router
-        scores = self._scores(block, keys, num_slots)
+        scores = self._scores(block, normed, keys, num_slots)
         past = self.score_cache[block, step.past_slots]  # other slots than the step's
         logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
                                      step.past_cu_seqlens, step.rank_layout)
@@ -331,17 +352,24 @@ class RoutedDecoderLayer(nn.Module):
     def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
-        attn = self.self_attn
-        num_tokens = len(state.step.slots)
-        q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        state.keep_all(self.layer_idx, k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim),
-                       self._num_slots())
-        return self._attend_all(positions, q, k, v, residual)
+        qkv = self.self_attn.qkv_proj(normed)[0]
+        state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
+        return self._attend_all(positions, qkv, residual)
 
-    def _attend_all(self, positions: Tensor, q: Tensor, k: Tensor, v: Tensor, residual: Tensor):
-        """The stock block from its projections: every token kept."""
+    def _keys(self, qkv: Tensor | None, state: RoutingState) -> Tensor | None:
+        """Pre-rotary keys [T, KV, d] of the step's tokens from the fused projection, for a
+        router that scores keys (quantized weights); None when it scores hidden states."""
+        if qkv is None or state.score_weight is not None:
+            return None
+        attn, num_tokens = self.self_attn, len(state.step.slots)
+        k = qkv[:num_tokens, attn.q_size:attn.q_size + attn.kv_size]
+        return k.reshape(num_tokens, attn.num_kv_heads, attn.head_dim)
+
+    def _attend_all(self, positions: Tensor, qkv: Tensor, residual: Tensor):
+        """The stock block from its fused projection: every token kept."""
         attn = self.self_attn
-        q, k = attn.rotary_emb(positions, q, k)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = self._rotary(positions, q, k)
         return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
 
     def _num_slots(self) -> int:
@@ -353,33 +381,53 @@ class RoutedDecoderLayer(nn.Module):
             return self._keep_all(state, positions, normed, residual)
         attn = self.self_attn
         num_tokens = len(state.step.slots)
+        # a router that scores hidden states decides before any projection
+        qkv = None if state.score_weight is not None else attn.qkv_proj(normed)[0]
+        keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
+        keep[:num_tokens] = state.decide(self.layer_idx, normed, self._keys(qkv, state), positions[:num_tokens],
+                                         self._num_slots())
+        kept = keep.nonzero().squeeze(1)
+        if len(kept) == len(normed):  # nothing skipped: the stock block
+            return self._attend_all(positions, attn.qkv_proj(normed)[0] if qkv is None else qkv, residual)
         kernel = state.kept_attention(attn.attn) if getattr(attn, "kv_proj", None) is not None else None
         if kernel is None:  # simple path
-            q, k, v = attn.qkv_proj(normed)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        else:
-            q, (k, v) = None, attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
-        keys = k[:num_tokens].view(num_tokens, attn.num_kv_heads, attn.head_dim)
-        keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
-        keep[:num_tokens] = state.decide(self.layer_idx, keys, positions[:num_tokens], self._num_slots())
-        kept = keep.nonzero().squeeze(1)
-        if len(kept) == len(normed):  # nothing skipped
-            return self._attend_all(positions, attn.q_proj(normed)[0] if q is None else q, k, v, residual)
-        if kernel is None:
-            q, k = attn.rotary_emb(positions, q, k)
+            qkv = attn.qkv_proj(normed)[0] if qkv is None else qkv
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k = self._rotary(positions, q, k)
             attn_out = attn.attn(q, k, v)[kept]  # every token: its K/V must reach the cache
         else:
-            k = attn.rotary_emb(positions, k, None)[0]
+            k, v = attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
+            k = self._rotary(positions, k, None)[0]
             unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
                                     v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
             if len(kept) == 0:  # every token skips: only the cache write
                 return torch.zeros_like(normed), residual
-            q = attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
+            q = self._kept_query(positions, normed, kept)
             step = state.step
             attn_out = kernel(attn.attn, q.view(len(kept), attn.num_heads, attn.head_dim), kept,
                               step.requests[kept], positions[kept], step.block_table)
         delta = torch.zeros_like(normed)
         delta[kept] = attn.o_proj(attn_out.reshape(len(kept), -1))[0]
         return self._finish(delta, residual, kept)
+
+    def _rotary(self, positions: Tensor, q: Tensor, k: Tensor | None):
+        return self.self_attn.rotary_emb(positions, q, k)
+
+    def _kept_query(self, positions: Tensor, normed: Tensor, kept: Tensor) -> Tensor:
+        attn = self.self_attn
+        return self._rotary(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
+
+    def compile_parts(self) -> None:
+        """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own
+        (token counts dynamic), as vLLM does for its layers called from opaque ops, so that
+        their norms and activations fuse as in the stock compiled layers."""
+        from vllm.model_executor.utils import maybe_disable_graph_partition
+        from vllm.platforms import current_platform
+
+        backend = current_platform.simple_compile_backend
+        for name in ("_finish", "_kept_query", "_rotary"):
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=True, backend=backend,
+                                              options=maybe_disable_graph_partition(backend)))
 
     def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor | None):
         """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
@@ -491,11 +539,15 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
         rank = get_tensor_model_parallel_rank()
         router.mean_query = router.mean_query[:, rank * per_rank:(rank + 1) * per_rank].contiguous()
     state = RoutingState(router, config, vllm_config.cache_config.block_size)
+    compilation = vllm_config.compilation_config
+    compiled = compilation.mode != CompilationMode.NONE and compilation.backend != "eager"
     for layer in model.model.layers:
         if isinstance(layer, RoutedDecoderLayer):
             layer.routing = (state,)
             _ROUTED_LAYERS[layer.prefix] = layer
-    _keep_routing_out_of_graphs(vllm_config.compilation_config)
+            if compiled and not router.is_dense(layer.layer_idx):
+                layer.compile_parts()
+    _keep_routing_out_of_graphs(compilation)
     install_step_hook()
     logger.info("FTP router %s: target sparsity %s", path, config.get("target_sparsity"))
     return state
@@ -536,5 +588,6 @@ class FTPModelMixin:
             loaded |= {name for name, _ in self.named_parameters() if name.startswith("ftp.")}
             for layer in self.model.layers:
                 if isinstance(layer, RoutedDecoderLayer) and not self.ftp.router.is_dense(layer.layer_idx):
+                    self.ftp.fold_scores(layer.layer_idx, layer.self_attn)
                     split_qkv(layer.self_attn)
         return loaded
