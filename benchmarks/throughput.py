@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     print(f"engine logs in {work}", flush=True)
     for mode in args.modes:  # one mode's engines at a time: all of them at once may not fit in memory
         group = [s for s in specs if s["mode"] == mode]
-        engines = {s["name"]: Engine(s, work / f"{s['name'].replace(' ', '_')}.log")
+        engines = {s["name"]: Engine(s, work / (re.sub(r"[^\w.-]+", "_", s["name"]) + ".log"))
                    for s in tqdm(group, desc=f"{mode} engines")}
         try:
             with tqdm(total=args.repeats * len(args.workloads) * len(group), desc=f"{mode} runs") as bar:
