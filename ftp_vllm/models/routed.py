@@ -178,8 +178,9 @@ class RoutingState(nn.Module):
         return (prompt_target > 0 and step.num_prompt > 0) or (decode_target > 0 and step.num_prompt < len(step.slots))
 
     def fold_scores(self, block: int, attn: nn.Module) -> None:
-        """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`):
-        batch-invariant in any serving dtype.  Unquantized weights only; others score keys."""
+        """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`): before
+        any projection, and with no reduced-precision GEMM in the score.  Unquantized weights
+        only; others score keys."""
         fused = attn.qkv_proj
         if type(fused.quant_method).__name__ != "UnquantizedLinearMethod":
             return
