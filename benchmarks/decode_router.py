@@ -30,10 +30,9 @@ def main(argv=None) -> int:
 
     from ftp_vllm.checkpoint import load_checkpoint, save_checkpoint
     from ftp_vllm.model_store import resolve_model
-    from ftp_vllm.pipeline import TrainSettings
+    from ftp_vllm.pipeline import TrainSettings, calibration_split
     from ftp_vllm.reference import RoutedModel, calibrate_router_thresholds
-    from ftp_vllm.schedule import ContinuationBatch, scaled_schedule
-    from ftp_vllm.texts import token_chunks
+    from ftp_vllm.schedule import scaled_schedule
 
     router, config = load_checkpoint(args.router)
     model_name = config["base_model"].get("name", "smollm2-135m-instruct")
@@ -41,10 +40,7 @@ def main(argv=None) -> int:
     folder = resolve_model(s.model)
     model = RoutedModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    # the pipeline's calibration split: the same text the prompt thresholds were fitted on
-    chunks = token_chunks(tokenizer, "calibration", s.chunk_len, s.search_chunks + s.calib_chunks + s.train_chunks,
-                          s.seed)
-    calib = ContinuationBatch.of(chunks[s.search_chunks: s.search_chunks + s.calib_chunks], s.context)
+    calib = calibration_split(tokenizer, s)[1]  # the text the prompt thresholds were fitted on
     prompt = router.sparsity.tolist()
     decode = prompt if args.decode_sparsity is None else scaled_schedule(prompt, args.decode_sparsity)
     router.set_schedule(prompt, decode)

@@ -73,6 +73,15 @@ class TrainSettings:
     progress: bool = True
 
 
+
+def calibration_split(tokenizer, s: TrainSettings) -> tuple[ContinuationBatch, ContinuationBatch, list]:
+    """The calibration text's three disjoint parts: schedule search, threshold calibration
+    (both as context + continuation), and router training chunks."""
+    cal = token_chunks(tokenizer, "calibration", s.chunk_len, s.search_chunks + s.calib_chunks + s.train_chunks, s.seed)
+    search = ContinuationBatch.of(cal[: s.search_chunks], s.context)
+    calib = ContinuationBatch.of(cal[s.search_chunks: s.search_chunks + s.calib_chunks], s.context)
+    return search, calib, cal[s.search_chunks + s.calib_chunks:]
+
 def _stage(log: dict, name: str, start: float) -> float:
     now = time.perf_counter()
     log[name] = round(now - start, 1)
@@ -95,10 +104,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     model = RoutedModel.from_pretrained(folder).to(s.device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     B = model.num_blocks
-    cal = token_chunks(tokenizer, "calibration", s.chunk_len, s.search_chunks + s.calib_chunks + s.train_chunks, s.seed)
-    search_text = ContinuationBatch.of(cal[: s.search_chunks], s.context)
-    calib_text = ContinuationBatch.of(cal[s.search_chunks: s.search_chunks + s.calib_chunks], s.context)
-    train_text = cal[s.search_chunks + s.calib_chunks:]
+    search_text, calib_text, train_text = calibration_split(tokenizer, s)
     eval_text = ContinuationBatch.of(token_chunks(tokenizer, "evaluation", s.chunk_len, s.eval_chunks, s.seed), s.context)
     decode_of = (lambda sched: list(sched)) if s.decode_sparsity is None else (lambda sched: scaled_schedule(sched, s.decode_sparsity))
     search_args = dict(upper=s.upper, step=s.step, population=s.population, seed=s.seed, progress=s.progress)
