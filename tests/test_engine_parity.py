@@ -19,15 +19,15 @@ def assert_same_outputs(stock: dict, ftp: dict, ftp_arch: str, n_prompts: int, n
 
 def test_real_model_ftp_class_equals_stock_llama(real_model, tmp_path):
     """A router whose thresholds keep every token: routing runs at every routed block and
-    skips nothing (the FTP class without a router is checked on the tiny models below)."""
+    skips nothing (float32; the FTP class without a router is checked on the tiny models below)."""
     from .test_vllm_cli import make_router
 
     keep_all = make_router(real_model, tmp_path / "keep-all", keep_all=True)
     prompts = real_prompts(32)
-    routed = {"model": real_model, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(keep_all)}}
+    routed = {"model": real_model, "dtype": "float32", "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(keep_all)}}
     trace = tmp_path / "trace.jsonl"
     runs = [
-        {"llm": {"model": real_model}, "prompts": prompts, "max_tokens": 64},
+        {"llm": {"model": real_model, "dtype": "float32"}, "prompts": prompts, "max_tokens": 64},
         {"llm": routed, "prompts": prompts, "max_tokens": 64, "env": {"FTP_VLLM_TRACE": str(trace)}},
     ]
     stock, routed = run_engines(runs)

@@ -24,14 +24,20 @@ API_KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(real_model, tmp_path_factory):
+    """`make serve`'s launcher as a user runs it: the default 30% router, vLLM's default
+    compiled mode and the launcher's CPU defaults (float32 here), plus vLLM's `--api-key`."""
+    import requests
+
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w+")
+    folder = tmp_path_factory.mktemp("serve")
+    stats = folder / "stats.json"
+    log = (folder / "server.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--enforce-eager",
-         "--api-key", API_KEY],
+        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--api-key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1"},
     )
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
         log.seek(0)
         if "launch: ready at" in log.read():
@@ -40,7 +46,9 @@ def server(real_model, tmp_path_factory):
     log.seek(0)
     assert proc.poll() is None and "launch: ready at" in log.read(), log.read()[-4000:]
     children = psutil.Process(proc.pid).children(recursive=True)
-    yield {"port": port, "proc": proc, "log": log}
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {API_KEY}"
+    yield {"port": port, "proc": proc, "log": folder / "server.log", "stats": stats, "http": http}
     if proc.poll() is None:  # a failed test left it running: stop it as Ctrl-C would, never orphan the engine
         proc.send_signal(signal.SIGTERM)
         try:
@@ -95,40 +103,15 @@ def test_readme_curl_examples_work_as_written(server):
         assert '"choices"' in out.stdout or "data: " in out.stdout, out.stdout[:500]
 
 
-def test_sigterm_stops_server_and_engine(server):
-    proc = server["proc"]
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert children, "the launcher should run vllm serve as its child"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) is not None
-    _, alive = psutil.wait_procs(children, timeout=60)
-    assert not alive, f"left running: {[p.pid for p in alive]}"
-
-
 SHIPPED_ROUTER = "smollm2-135m-instruct-s30"
 
 
-@pytest.fixture(scope="module")
-def routed_server(real_model, tmp_path_factory):
-    """`vllm serve` itself, as a user types it, with the shipped 30% router (float32, so
-    that a request's output does not depend on its batch neighbours)."""
-    from ftp_vllm.server_process import vllm_server
-
-    folder = tmp_path_factory.mktemp("routed-serve")
-    stats = folder / "stats.json"
-    args = ["smollm2-135m-instruct", "--ftp-router", SHIPPED_ROUTER, "--dtype", "float32",
-            "--kv-cache-memory-bytes", str(1 << 30)]
-    env = {"FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1"}
-    with vllm_server(args, folder / "server.log", env) as server:
-        yield {"port": server.port, "stats": stats, "log": server.log_path, "server": server}
-
-
-def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
+def test_vllm_serve_with_ftp_router_answers_openai_client(server):
     from openai import OpenAI
 
     from ftp_vllm.checkpoint import load_checkpoint
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{routed_server['port']}/v1", api_key="unused")
+    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=API_KEY)
     done = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
                                      max_tokens=8, temperature=0)
     assert done.choices[0].text.strip()
@@ -151,10 +134,10 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     prompts = [" ".join(doc.split()[:380]) for doc in texts.documents("evaluation") if len(doc.split()) >= 380][:16]
     assert len(prompts) == 16
     time.sleep(2)
-    before = json.loads(Path(routed_server["stats"]).read_text())
+    before = json.loads(Path(server["stats"]).read_text())
     done = client.completions.create(model="smollm2-135m-instruct", prompt=prompts, max_tokens=1, temperature=0)
     time.sleep(3)  # the counters are written every second
-    after = json.loads(Path(routed_server["stats"]).read_text())
+    after = json.loads(Path(server["stats"]).read_text())
     tokens = after["prompt_tokens"] - before["prompt_tokens"]
     assert tokens == done.usage.prompt_tokens > 16 * 300
     skipped = sum((a["prompt_total"] - a["prompt_kept"]) - (b["prompt_total"] - b["prompt_kept"])
@@ -163,24 +146,22 @@ def test_vllm_serve_with_ftp_router_answers_openai_client(routed_server):
     print(f"realised prompt sparsity on 16 held-out prompts ({tokens} tokens): {realised:.4f}, "
           f"target {config['target_sparsity']}")
     assert abs(realised - config["target_sparsity"]) <= 0.01, realised
-    assert "FTP realised sparsity" in Path(routed_server["log"]).read_text()
+    assert "FTP realised sparsity" in Path(server["log"]).read_text()
 
 
-def test_ftp_endpoints_and_metrics(routed_server):
-    import requests
-
-    base = f"http://127.0.0.1:{routed_server['port']}"
-    requests.post(f"{base}/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hello there",
-                                                  "max_tokens": 4}, timeout=120).raise_for_status()
+def test_ftp_endpoints_and_metrics(server):
+    base = f"http://127.0.0.1:{server['port']}"
+    server["http"].post(f"{base}/v1/completions", timeout=120, json={
+        "model": "smollm2-135m-instruct", "prompt": "Hello there", "max_tokens": 4}).raise_for_status()
     time.sleep(2)
-    router = requests.get(f"{base}/ftp/router", timeout=10).json()
+    router = server["http"].get(f"{base}/ftp/router", timeout=10).json()
     assert router["router"] == SHIPPED_ROUTER and router["base_model"]["num_layers"] == 30
     assert len(router["prompt_sparsity_per_block"]) == 30
     assert "/" not in json.dumps(router), "no file paths in the router description"
-    stats = requests.get(f"{base}/ftp/stats", timeout=10).json()
+    stats = server["http"].get(f"{base}/ftp/stats", timeout=10).json()
     assert stats["prompt_tokens"] > 0 and len(stats["per_block"]) == 30
-    assert requests.post(f"{base}/ftp/stats", json={}, timeout=10).status_code == 405
-    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert server["http"].post(f"{base}/ftp/stats", json={}, timeout=10).status_code == 405
+    metrics = server["http"].get(f"{base}/metrics", timeout=10).text
     assert "ftp_prompt_sparsity " in metrics and 'ftp_prompt_kept_tokens_total{block="5"}' in metrics
     assert "vllm:" in metrics
 
@@ -188,11 +169,11 @@ def test_ftp_endpoints_and_metrics(routed_server):
 MODEL = "smollm2-135m-instruct"
 
 
-def test_openai_client_options(routed_server):
+def test_openai_client_options(server):
     """n>1, stop strings, logprobs and echo (prompt logprobs) through the official client."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{routed_server['port']}/v1", api_key="unused")
+    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=API_KEY)
     many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, n=3,
                                       temperature=1.0, seed=7)
     assert len(many.choices) == 3 and len({c.text for c in many.choices}) > 1
@@ -214,12 +195,10 @@ def test_openai_client_options(routed_server):
     assert len(lp.tokens) == echo.usage.prompt_tokens + 1
 
 
-def test_bad_input_gets_4xx_and_server_keeps_serving(routed_server):
-    import requests
-
-    url = f"http://127.0.0.1:{routed_server['port']}/v1/completions"
+def test_bad_input_gets_4xx_and_server_keeps_serving(server):
+    url = f"http://127.0.0.1:{server['port']}/v1/completions"
     good = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
-    reference = requests.post(url, json=good, timeout=120).json()["choices"][0]["text"]
+    reference = server["http"].post(url, json=good, timeout=120).json()["choices"][0]["text"]
     long_prompt = list(range(100, 100 + 9000))  # token ids: longer than the 8,192-token context
     bad = {
         "malformed JSON": dict(data=b'{"model": "x", "prompt": ', headers={"Content-Type": "application/json"}),
@@ -231,35 +210,34 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(routed_server):
         "unknown model": dict(json={**good, "model": "no-such-model"}),
     }
     for what, kwargs in bad.items():
-        r = requests.post(url, timeout=120, **kwargs)
-        assert 400 <= r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
+        r = server["http"].post(url, timeout=120, **kwargs)
+        assert 400 <= r.status_code < 500 and r.status_code != 401, f"{what}: {r.status_code} {r.text[:300]}"
         assert r.text.strip(), f"{what}: empty error body"
-        again = requests.post(url, json=good, timeout=120)
+        again = server["http"].post(url, json=good, timeout=120)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == reference, what
 
 
-def test_disconnect_and_cancel_leave_other_requests_intact(routed_server):
+def test_disconnect_and_cancel_leave_other_requests_intact(server):
     """A client that drops a stream and one that cancels a request in flight: the server keeps
     serving and concurrent requests get the same output as when sent alone."""
     import asyncio
 
-    import requests
     from openai import AsyncOpenAI
 
-    base = f"http://127.0.0.1:{routed_server['port']}/v1"
+    base = f"http://127.0.0.1:{server['port']}/v1"
     prompts = [f"Write a short list of {n} fruits:" for n in (3, 4, 5, 6)]
-    alone = [requests.post(f"{base}/completions", timeout=120, json={
+    alone = [server["http"].post(f"{base}/completions", timeout=120, json={
         "model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
 
     # dropped stream: read a few chunks, then close the connection
-    with requests.post(f"{base}/completions", stream=True, timeout=120, json={
+    with server["http"].post(f"{base}/completions", stream=True, timeout=120, json={
             "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True,
             "ignore_eos": True}) as r:
         lines = r.iter_lines()
         assert [next(lines) for _ in range(3)]
 
     async def run():
-        client = AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+        client = AsyncOpenAI(base_url=base, api_key=API_KEY, max_retries=0)
         doomed = asyncio.create_task(client.completions.create(
             model=MODEL, prompt="Tell me another long story.", max_tokens=400, extra_body={"ignore_eos": True}))
         others = [asyncio.create_task(client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0))
@@ -270,11 +248,11 @@ def test_disconnect_and_cancel_leave_other_requests_intact(routed_server):
 
     together = asyncio.run(run())
     assert [c.choices[0].text for c in together] == alone
-    health = requests.get(f"http://127.0.0.1:{routed_server['port']}/health", timeout=30)
+    health = server["http"].get(f"http://127.0.0.1:{server['port']}/health", timeout=30)
     assert health.status_code == 200
 
 
-def test_lm_eval_local_completions_loglikelihood(routed_server, real_model, tmp_path):
+def test_lm_eval_local_completions_loglikelihood(server, real_model, tmp_path):
     """lm-eval's `local-completions` model scores a small local multiple-choice task (held-out
     next-sentence cloze items) by log-likelihood through the FTP server's prompt logprobs."""
     from transformers import AutoTokenizer
@@ -301,9 +279,9 @@ target_delimiter: ""
 metric_list:
   - metric: acc
 """)
-    base = f"http://127.0.0.1:{routed_server['port']}/v1/completions"
+    base = f"http://127.0.0.1:{server['port']}/v1/completions"
     out = tmp_path / "out"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "local-completions",
          "--model_args", f"model={MODEL},base_url={base},tokenizer={real_model},tokenizer_backend=huggingface,"
@@ -317,3 +295,14 @@ metric_list:
     print(f"lm-eval ftp_cloze acc over {len(items)} items: {acc:.3f}")
     assert results["n-samples"]["ftp_cloze"]["effective"] == len(items) == 40
     assert acc > 0.25 + 0.1, "above chance by a margin: the log-likelihoods carry signal"
+
+
+def test_sigterm_stops_server_and_engine(server):
+    """Last in this module: it ends the server."""
+    proc = server["proc"]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the launcher should run vllm serve as its child"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) is not None
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
