@@ -145,6 +145,7 @@ class RoutingState(nn.Module):
         self._trace_path = os.environ.get("FTP_VLLM_TRACE")
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
+        self._kept_all: list[int] = []  # blocks that kept every token this step
         if self._stats_path:  # the last steps before an idle spell must reach the file too
             threading.Thread(target=self._flush_stats, daemon=True, name="ftp-stats").start()
 
@@ -168,6 +169,7 @@ class RoutingState(nn.Module):
             return
         self.step = StepRouting.of(metadata, self.block_size, positions)
         self._trace.clear()
+        self._kept_all.clear()
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
@@ -207,13 +209,11 @@ class RoutingState(nn.Module):
 
     def keep_all(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> None:
         """A step in which `block` keeps every token: scores to the cache (later tokens rank
-        against them), counts, no decisions."""
+        against them), no decisions; counted once per step in `end_step`."""
         self._scores(block, normed, keys, num_slots)
-        step = self.step
-        num_decode = len(step.slots) - step.num_prompt
-        self.counts[block] += torch.tensor([step.num_prompt, step.num_prompt, num_decode, num_decode])
+        self._kept_all.append(block)
         if self._trace_path:
-            self._trace[block] = torch.ones(len(step.slots), dtype=torch.bool)
+            self._trace[block] = torch.ones(len(self.step.slots), dtype=torch.bool)
 
     def decide(self, block: int, normed: Tensor, keys: Tensor | None, positions: Tensor, num_slots: int) -> Tensor:
         """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
@@ -250,8 +250,12 @@ class RoutingState(nn.Module):
         return None
 
     def end_step(self, positions: Tensor) -> None:
-        if self.step is None:
+        step = self.step
+        if step is None:
             return
+        if self._kept_all:
+            num_decode = len(step.slots) - step.num_prompt
+            self.counts[self._kept_all] += torch.tensor([step.num_prompt, step.num_prompt, num_decode, num_decode])
         if self._trace_path:
             self._write_trace(positions)
         now = time.monotonic()
@@ -353,6 +357,9 @@ class RoutedDecoderLayer(nn.Module):
     def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
+        if state.score_weight is not None:
+            state.keep_all(self.layer_idx, normed, None, self._num_slots())
+            return self._dense(positions, normed, residual)
         qkv = self.self_attn.qkv_proj(normed)[0]
         state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
         return self._attend_all(positions, qkv, residual)
@@ -367,11 +374,12 @@ class RoutedDecoderLayer(nn.Module):
         return k.reshape(num_tokens, attn.num_kv_heads, attn.head_dim)
 
     def _attend_all(self, positions: Tensor, qkv: Tensor, residual: Tensor):
-        """The stock block from its fused projection: every token kept."""
+        """The stock block from its fused projection (computed for key scores): every token kept."""
         attn = self.self_attn
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = self._rotary(positions, q, k)
-        return self._finish(attn.o_proj(attn.attn(q, k, v))[0], residual, None)
+        q, k = attn.rotary_emb(positions, q, k)
+        hidden, residual = self.post_attention_layernorm(attn.o_proj(attn.attn(q, k, v))[0], residual)
+        return self.mlp(hidden), residual
 
     def _num_slots(self) -> int:
         attn = self.self_attn
@@ -389,16 +397,16 @@ class RoutedDecoderLayer(nn.Module):
                                          self._num_slots())
         kept = keep.nonzero().squeeze(1)
         if len(kept) == len(normed):  # nothing skipped: the stock block
-            return self._attend_all(positions, attn.qkv_proj(normed)[0] if qkv is None else qkv, residual)
+            return self._dense(positions, normed, residual) if qkv is None else self._attend_all(positions, qkv, residual)
         kernel = state.kept_attention(attn.attn) if getattr(attn, "kv_proj", None) is not None else None
         if kernel is None:  # simple path
             qkv = attn.qkv_proj(normed)[0] if qkv is None else qkv
             q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            q, k = self._rotary(positions, q, k)
+            q, k = attn.rotary_emb(positions, q, k)
             attn_out = attn.attn(q, k, v)[kept]  # every token: its K/V must reach the cache
         else:
             k, v = attn.kv_proj(normed)[0].split([attn.kv_size, attn.kv_size], dim=-1)
-            k = self._rotary(positions, k, None)[0]
+            k = self._rotary_keys(positions, k)
             unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_dim),
                                     v.view(-1, attn.num_kv_heads, attn.head_dim), attn.attn.layer_name)
             if len(kept) == 0:  # every token skips: only the cache write
@@ -411,33 +419,52 @@ class RoutedDecoderLayer(nn.Module):
         delta[kept] = attn.o_proj(attn_out.reshape(len(kept), -1))[0]
         return self._finish(delta, residual, kept)
 
-    def _rotary(self, positions: Tensor, q: Tensor, k: Tensor | None):
-        return self.self_attn.rotary_emb(positions, q, k)
+    def _rotary_keys(self, positions: Tensor, k: Tensor) -> Tensor:
+        return self.self_attn.rotary_emb(positions, k, None)[0]
 
     def _kept_query(self, positions: Tensor, normed: Tensor, kept: Tensor) -> Tensor:
         attn = self.self_attn
-        return self._rotary(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
+        return attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
 
     def compile_parts(self) -> None:
-        """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own
-        (token counts dynamic), as vLLM does for its layers called from opaque ops, so that
-        their norms and activations fuse as in the stock compiled layers."""
-        from vllm.model_executor.utils import maybe_disable_graph_partition
-        from vllm.platforms import current_platform
+        """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own,
+        as vLLM does for its layers called from opaque ops, so that their norms and
+        activations fuse as in the stock compiled layers.  A step that keeps every token
+        runs the whole block (`_dense`) as one compiled piece."""
+        for name in ("_dense", "_finish", "_kept_query", "_rotary_keys"):
+            setattr(self, name, _compile_tokenwise(getattr(self, name)))
 
-        backend = current_platform.simple_compile_backend
-        for name in ("_finish", "_kept_query", "_rotary"):
-            setattr(self, name, torch.compile(getattr(self, name), dynamic=True, backend=backend,
-                                              options=maybe_disable_graph_partition(backend)))
-
-    def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor | None):
+    def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor):
         """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
         normed, residual = self.post_attention_layernorm(delta, residual)
-        if kept is None:
-            return self.mlp(normed), residual
         out = torch.zeros_like(normed)
         out[kept] = self.mlp(normed[kept])
         return out, residual
+
+
+def _compile_tokenwise(fn):
+    """`fn` compiled as vLLM compiles its models: dimension 0 of every tensor argument (the
+    tokens) symbolic, every other dimension static, and only the guards on those symbols
+    checked (checking all cost more than a decode step's work at a block).  So each call
+    must pass arguments of the first call's dtypes and layouts: the routed layer calls each
+    part from one place, with tensors made the same way.  Fewer than two tokens would be a
+    specialised size, which no unchecked guard may stand for: those calls run eagerly."""
+    from vllm.model_executor.utils import maybe_disable_graph_partition
+    from vllm.platforms import current_platform
+
+    backend = current_platform.simple_compile_backend
+    options = {**maybe_disable_graph_partition(backend),
+               "guard_filter_fn": lambda entries: [e.guard_type == "SHAPE_ENV" for e in entries]}
+    compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
+
+    def call(*args):
+        if any(len(arg) < 2 for arg in args):
+            return fn(*args)
+        for arg in args:
+            torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    return call
 
 
 def _cpu_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions: Tensor,
