@@ -446,9 +446,11 @@ def _compile_tokenwise(fn):
     """`fn` compiled as vLLM compiles its models: dimension 0 of every tensor argument (the
     tokens) symbolic, every other dimension static, and only the guards on those symbols
     checked (checking all cost more than a decode step's work at a block).  So each call
-    must pass arguments of the first call's dtypes and layouts: the routed layer calls each
-    part from one place, with tensors made the same way.  Fewer than two tokens would be a
-    specialised size, which no unchecked guard may stand for: those calls run eagerly."""
+    must pass arguments of the first call's dtypes and layouts (the routed layer calls each
+    part from one place, with tensors made the same way), and the layers of a model, which
+    share the compiled code, must have the same shapes (Llama and Qwen2 layers do; weights
+    and layer names are read from the layer at each call).  Fewer than two tokens would be
+    a specialised size, which no unchecked guard may stand for: those calls run eagerly."""
     from vllm.model_executor.utils import maybe_disable_graph_partition
     from vllm.platforms import current_platform
 
