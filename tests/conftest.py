@@ -97,13 +97,20 @@ def calibrated_router(model, sparsity, lengths=(40, 40), prompt_lens=None, decod
     return router, ids, cu, out
 
 
+def save_changed_router(router, config: dict, out) -> str:
+    """Save a loaded router changed by a test, with its checkpoint's settings."""
+    from ftp_vllm.checkpoint import save_checkpoint
+
+    config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
+    return str(save_checkpoint(out, router, config))
+
+
 def decode_routed_router(out) -> str:
     """The shipped 30% router with decode tokens routed too (its prompt schedule and
     thresholds), so that preemption has decode-token decisions to recompute."""
-    from ftp_vllm.checkpoint import load_checkpoint, save_checkpoint
+    from ftp_vllm.checkpoint import load_checkpoint
 
     router, config = load_checkpoint("smollm2-135m-instruct-s30")
     router.set_schedule(router.sparsity.tolist(), router.sparsity.tolist())
     router.threshold_decode.copy_(router.threshold_prompt)
-    config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
-    return str(save_checkpoint(out, router, config))
+    return save_changed_router(router, config, out)

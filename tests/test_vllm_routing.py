@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from .conftest import decode_routed_router, real_prompts, run_engines
+from .conftest import decode_routed_router, real_prompts, run_engines, save_changed_router
 
 pytestmark = pytest.mark.engine
 
@@ -163,8 +163,17 @@ def test_fast_path_equals_simple_path_real_model(real_model, tmp_path):
 
 def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     """vLLM's default compiled mode runs the routed blocks as an opaque op inside the
-    compiled graph: same decisions and greedy tokens as eager (float32)."""
+    compiled graph: same decisions and greedy tokens as eager (float32).  Decode tokens
+    are kept (as by the shipped routers) and prompts routed (the tiny router's decode
+    thresholds; its calibration prompts were too short to route), so decode steps run the
+    compiled keep-everything block and prompt steps the compiled routed parts."""
+    from ftp_vllm.checkpoint import load_checkpoint
+
     _, _, folder, tok = tiny_router
+    router, config = load_checkpoint(folder)
+    router.set_schedule(SCHEDULE, [0.0] * len(SCHEDULE))
+    router.threshold_prompt.copy_(router.threshold_decode)
+    folder = save_changed_router(router, config, tmp_path / "prompt-routed")
     prompts = [{"prompt_token_ids": tok(t)["input_ids"][:n]} for t, n in zip(real_prompts(4, words=300), (40, 150, 200, 260))]
     llm = {"model": tiny_llama, "dtype": "float32", "max_model_len": 512, "max_num_batched_tokens": 128,
            "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": folder}}
@@ -178,3 +187,5 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
         [(s["positions"], s["keep"]) for s in eager["traces"][0]]
     kept = [k for s in compiled["traces"][0] for mask in s["keep"].values() for k in mask]
     assert 0 < sum(kept) < len(kept)
+    decode_steps = [s for s in compiled["traces"][0] if all(p >= n for p, n in zip(s["positions"], s["prompt_lens"]))]
+    assert decode_steps and all(all(m) for s in decode_steps for m in s["keep"].values())
