@@ -73,7 +73,6 @@ class TrainSettings:
     progress: bool = True
 
 
-
 def calibration_split(tokenizer, s: TrainSettings) -> tuple[ContinuationBatch, ContinuationBatch, list]:
     """The calibration text's three disjoint parts: schedule search, threshold calibration
     (both as context + continuation), and router training chunks."""
@@ -81,6 +80,7 @@ def calibration_split(tokenizer, s: TrainSettings) -> tuple[ContinuationBatch, C
     search = ContinuationBatch.of(cal[: s.search_chunks], s.context)
     calib = ContinuationBatch.of(cal[s.search_chunks: s.search_chunks + s.calib_chunks], s.context)
     return search, calib, cal[s.search_chunks + s.calib_chunks:]
+
 
 def _stage(log: dict, name: str, start: float) -> float:
     now = time.perf_counter()

@@ -357,21 +357,28 @@ class RoutedDecoderLayer(nn.Module):
     def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
-        if state.score_weight is not None:
-            state.keep_all(self.layer_idx, normed, None, self._num_slots())
-            return self._dense(positions, normed, residual)
-        qkv = self.self_attn.qkv_proj(normed)[0]
+        qkv = self._qkv_for_key_scores(state, normed)
         state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
-        return self._attend_all(positions, qkv, residual)
+        return self._stock(positions, normed, qkv, residual)
+
+    def _qkv_for_key_scores(self, state: RoutingState, normed: Tensor) -> Tensor | None:
+        """The fused projection, computed before the decision only for a router that scores
+        keys (quantized weights); one that scores hidden states decides before any projection."""
+        return None if state.score_weight is not None else self.self_attn.qkv_proj(normed)[0]
 
     def _keys(self, qkv: Tensor | None, state: RoutingState) -> Tensor | None:
-        """Pre-rotary keys [T, KV, d] of the step's tokens from the fused projection, for a
-        router that scores keys (quantized weights); None when it scores hidden states."""
-        if qkv is None or state.score_weight is not None:
+        """Pre-rotary keys [T, KV, d] of the step's tokens from `_qkv_for_key_scores`' projection;
+        None when the router scores hidden states."""
+        if qkv is None:
             return None
         attn, num_tokens = self.self_attn, len(state.step.slots)
         k = qkv[:num_tokens, attn.q_size:attn.q_size + attn.kv_size]
         return k.reshape(num_tokens, attn.num_kv_heads, attn.head_dim)
+
+    def _stock(self, positions: Tensor, normed: Tensor, qkv: Tensor | None, residual: Tensor):
+        """The stock block, every token kept: compiled as one piece, or from a fused projection
+        already computed for key scores."""
+        return self._dense(positions, normed, residual) if qkv is None else self._attend_all(positions, qkv, residual)
 
     def _attend_all(self, positions: Tensor, qkv: Tensor, residual: Tensor):
         """The stock block from its fused projection (computed for key scores): every token kept."""
@@ -390,14 +397,13 @@ class RoutedDecoderLayer(nn.Module):
             return self._keep_all(state, positions, normed, residual)
         attn = self.self_attn
         num_tokens = len(state.step.slots)
-        # a router that scores hidden states decides before any projection
-        qkv = None if state.score_weight is not None else attn.qkv_proj(normed)[0]
+        qkv = self._qkv_for_key_scores(state, normed)
         keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
         keep[:num_tokens] = state.decide(self.layer_idx, normed, self._keys(qkv, state), positions[:num_tokens],
                                          self._num_slots())
         kept = keep.nonzero().squeeze(1)
         if len(kept) == len(normed):  # nothing skipped: the stock block
-            return self._dense(positions, normed, residual) if qkv is None else self._attend_all(positions, qkv, residual)
+            return self._stock(positions, normed, qkv, residual)
         kernel = state.kept_attention(attn.attn) if getattr(attn, "kv_proj", None) is not None else None
         if kernel is None:  # simple path
             qkv = attn.qkv_proj(normed)[0] if qkv is None else qkv
