@@ -27,6 +27,13 @@ picks the first):
   only (attention at the kept queries' own positions, see
   `ftp_vllm.kernels.attention`).  Routed blocks get the query and K/V
   projections as separate layers, split from the fused one after loading.
+
+In vLLM's compiled mode the compiled graph is the stock model plus, at each
+routed block, an op that records its tokens' scores: a step in which no block
+routes (every step of a keep-everything router, decode steps of a router that
+keeps decode tokens dense) runs that graph.  A step that routes has
+data-dependent shapes; it runs the model outside the graph, with the routed
+blocks' dense parts compiled on their own (`compile_parts`).
 """
 
 from __future__ import annotations
@@ -146,6 +153,10 @@ class RoutingState(nn.Module):
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
         self._kept_all: list[int] = []  # blocks that kept every token this step
+        targets = [router.targets(b) for b in range(num_blocks)]
+        self._routes_prompts = any(t[0] > 0 for t in targets)
+        self._routes_decodes = any(t[1] > 0 for t in targets)
+        self.routes_step = False  # whether some block may skip a token of the current step
         if self._stats_path:  # the last steps before an idle spell must reach the file too
             threading.Thread(target=self._flush_stats, daemon=True, name="ftp-stats").start()
 
@@ -159,7 +170,7 @@ class RoutingState(nn.Module):
                 written = counts
 
     def begin_step(self, layer_name: str, positions: Tensor) -> None:
-        self.step = None
+        self.step, self.routes_step = None, False
         if not is_forward_context_available() or _StepPrompts.prompt_lens is None:
             return
         metadata = get_forward_context().attn_metadata
@@ -167,9 +178,12 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        self.step = StepRouting.of(metadata, self.block_size, positions)
+        step = self.step = StepRouting.of(metadata, self.block_size, positions)
         self._trace.clear()
         self._kept_all.clear()
+        # a step that routes nowhere runs the stock blocks, which score hidden states only
+        self.routes_step = (self.score_weight is None or (self._routes_prompts and step.num_prompt > 0)
+                            or (self._routes_decodes and step.num_prompt < len(step.slots)))
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
@@ -193,24 +207,26 @@ class RoutingState(nn.Module):
             self.score_bias = weight.new_zeros(self.router.num_blocks)
         self.score_weight[block], self.score_bias[block] = weight, bias
 
-    def _scores(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> Tensor:
-        """Router scores of the step's tokens, also written to the score cache at their slots;
-        from their normed hidden states, or their keys where the key projection is not folded."""
-        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
-            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=normed.device)
+    def scores(self, block: int, normed: Tensor, keys: Tensor | None) -> Tensor:
+        """Router scores of the step's tokens at `block`: from their normed hidden states, or
+        their pre-rotary keys [T, KV, d] where the key projection is not folded."""
         if self.score_weight is not None:
-            scores = hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
-        else:
-            scores = self.router.block_scores(block, keys)
+            return hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
+        return self.router.block_scores(block, keys)
+
+    def _store(self, block: int, scores: Tensor, num_slots: int) -> Tensor:
+        """Scores to the score cache at the step's slots; summed over ranks first."""
+        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
+            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=scores.device)
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         self.score_cache[block, self.step.slots] = scores
         return scores
 
-    def keep_all(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> None:
-        """A step in which `block` keeps every token: scores to the cache (later tokens rank
-        against them), no decisions; counted once per step in `end_step`."""
-        self._scores(block, normed, keys, num_slots)
+    def keep_all(self, block: int, scores: Tensor, num_slots: int) -> None:
+        """A step in which `block` keeps every token: its tokens' scores to the cache (later
+        tokens rank against them), no decisions; counted once per step in `end_step`."""
+        self._store(block, scores[:len(self.step.slots)], num_slots)
         self._kept_all.append(block)
         if self._trace_path:
             self._trace[block] = torch.ones(len(self.step.slots), dtype=torch.bool)
@@ -219,7 +235,7 @@ class RoutingState(nn.Module):
         """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
         pre-rotary keys [T, KV, d])."""
         step, router = self.step, self.router
-        scores = self._scores(block, normed, keys, num_slots)
+        scores = self._store(block, self.scores(block, normed, keys), num_slots)
         past = self.score_cache[block, step.past_slots]  # other slots than the step's
         logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
                                      step.past_cu_seqlens, step.rank_layout)
@@ -324,6 +340,10 @@ class RoutedDecoderLayer(nn.Module):
         self.layer_idx = extract_layer_index(prefix)
         self.prefix = prefix
         self.routing: tuple[RoutingState] | tuple = ()  # a tuple: not a submodule of every layer
+        # the routing state's folded key projection rows for this block (`fold_scores`), as
+        # buffers: inputs of the compiled graph, not constants baked into it
+        self.register_buffer("score_weight", None, persistent=False)
+        self.register_buffer("score_bias", None, persistent=False)
 
     def forward(
         self,
@@ -337,9 +357,11 @@ class RoutedDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.routing and not self.routing[0].router.is_dense(self.layer_idx):
-            if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
-                return torch.ops.vllm.ftp_routed_layer(positions, hidden_states, residual, self.prefix), residual
-            return self.routed_forward(positions, hidden_states, residual)
+            if self.routing[0].routes_step and not torch.compiler.is_compiling():
+                return self._routed(self.routing[0], positions, hidden_states, residual)
+            if self.score_weight is not None:  # a step that routes nowhere (the compiled graph's kind)
+                scores = hidden_scores(hidden_states, self.score_weight, self.score_bias)
+                torch.ops.vllm.ftp_block_scores(scores, hidden_states, self.prefix)
         return self._dense(positions, hidden_states, residual)
 
     def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,18 +369,17 @@ class RoutedDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def routed_forward(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """Everything after the input norm of a routed block (dense on warm-up steps)."""
+    def record_scores(self, scores: Tensor) -> None:
+        """A step that routes nowhere: the block keeps every token and records their scores."""
         state = self.routing[0]
-        if state.step is None:
-            return self._dense(positions, normed, residual)
-        return self._routed(state, positions, normed, residual)
+        if state.step is not None:  # not a warm-up step
+            state.keep_all(self.layer_idx, scores, self._num_slots())
 
     def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
         qkv = self._qkv_for_key_scores(state, normed)
-        state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
+        state.keep_all(self.layer_idx, state.scores(self.layer_idx, normed, self._keys(qkv, state)), self._num_slots())
         return self._stock(positions, normed, qkv, residual)
 
     def _qkv_for_key_scores(self, state: RoutingState, normed: Tensor) -> Tensor | None:
@@ -433,10 +454,10 @@ class RoutedDecoderLayer(nn.Module):
         return attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
 
     def compile_parts(self) -> None:
-        """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own,
-        as vLLM does for its layers called from opaque ops, so that their norms and
-        activations fuse as in the stock compiled layers.  A step that keeps every token
-        runs the whole block (`_dense`) as one compiled piece."""
+        """A step that routes runs outside vLLM's compiled graph: compile the routed layer's
+        dense parts on their own, so that their norms and activations fuse as in the stock
+        compiled layers.  A block that keeps every token runs whole (`_dense`) as one
+        compiled piece."""
         for name in ("_dense", "_finish", "_kept_query", "_rotary_keys"):
             setattr(self, name, _compile_tokenwise(getattr(self, name)))
 
@@ -466,7 +487,7 @@ def _compile_tokenwise(fn):
     compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
 
     def call(*args):
-        if any(len(arg) < 2 for arg in args):
+        if torch.compiler.is_compiling() or any(len(arg) < 2 for arg in args):
             return fn(*args)
         for arg in args:
             torch._dynamo.maybe_mark_dynamic(arg, 0)
@@ -534,19 +555,18 @@ def split_qkv(attn: nn.Module) -> None:
 _ROUTED_LAYERS: dict[str, RoutedDecoderLayer] = {}  # by prefix; one engine per process
 
 
-def _routed_layer_op(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
-    """A routed block for compiled graphs: returns the hidden states, updates `residual` in place."""
-    hidden, updated = _ROUTED_LAYERS[prefix].routed_forward(positions, normed, residual)
-    if updated is not residual:
-        residual.copy_(updated)
-    return hidden
+def _block_scores_op(scores: Tensor, normed: Tensor, prefix: str) -> None:
+    """`RoutedDecoderLayer.record_scores`, callable from the compiled graph.  Declared as
+    mutating `normed` (it does not), which the block reads next: the compiler drops an op
+    whose outputs and mutations nothing reads (measured: a mutated `scores` was dropped)."""
+    _ROUTED_LAYERS[prefix].record_scores(scores)
 
 
-def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
-    return torch.empty_like(normed)
+def _block_scores_fake(scores: Tensor, normed: Tensor, prefix: str) -> None:
+    return None
 
 
-direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual"], fake_impl=_routed_layer_fake)
+direct_register_custom_op("ftp_block_scores", _block_scores_op, mutates_args=["normed"], fake_impl=_block_scores_fake)
 
 
 def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
@@ -581,7 +601,7 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
         if isinstance(layer, RoutedDecoderLayer):
             layer.routing = (state,)
             _ROUTED_LAYERS[layer.prefix] = layer
-            if compiled and not router.is_dense(layer.layer_idx):
+            if compiled:
                 layer.compile_parts()
     _keep_routing_out_of_graphs(compilation)
     install_step_hook()
@@ -590,17 +610,17 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
 
 
 def _keep_routing_out_of_graphs(compilation_config) -> None:
-    """Piecewise compilation splits the graph at the routed-layer op, and CUDA graphs
-    (fixed shapes) capture only the pieces between: a routed step's shapes depend on
-    its data.  On CPUs vLLM compiles the whole graph and calls the op from it."""
+    """The score op reads the step's cache slots from the routing state, which a CUDA graph
+    would freeze: piecewise compilation splits the graph at it, and CUDA graphs capture
+    only the pieces between.  On CPUs vLLM compiles the whole graph and calls the op from it."""
     from vllm.config import CUDAGraphMode
 
-    op = "vllm::ftp_routed_layer"
+    op = "vllm::ftp_block_scores"
     if compilation_config.splitting_ops is not None and op not in compilation_config.splitting_ops:
         compilation_config.splitting_ops.append(op)
     mode = compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
-        logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (routed steps have data-dependent shapes)", mode.name)
+        logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (the score op reads each step's slots)", mode.name)
         compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
@@ -614,7 +634,10 @@ class FTPModelMixin:
         if self.ftp is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.ftp.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
-        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.ftp.routes_step:  # data-dependent shapes: the model's code, not its compiled graph
+            out = self.model.forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        else:
+            out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.ftp.end_step(positions)
         return out
 
@@ -625,5 +648,8 @@ class FTPModelMixin:
             for layer in self.model.layers:
                 if isinstance(layer, RoutedDecoderLayer) and not self.ftp.router.is_dense(layer.layer_idx):
                     self.ftp.fold_scores(layer.layer_idx, layer.self_attn)
+                    if self.ftp.score_weight is not None:
+                        layer.score_weight = self.ftp.score_weight[layer.layer_idx]
+                        layer.score_bias = self.ftp.score_bias[layer.layer_idx]
                     split_qkv(layer.self_attn)
         return loaded
