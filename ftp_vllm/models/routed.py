@@ -96,38 +96,35 @@ class StepRouting:
     cu_seqlens: Tensor  # [R+1] step tokens of request r: cu[r]:cu[r+1]
     prompt_lens: Tensor  # [T] prompt length of each token's request
     slots: Tensor  # [T] each token's cache slot
-    past_slots: Tensor  # cache slots of every request's earlier tokens, request by request
-    past_cu_seqlens: Tensor  # [R+1]
-    requests: Tensor  # [T] each token's request
     block_table: Tensor  # [R, pages] the attention metadata's
-    rank_layout: RankLayout  # shared by every block of the step
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
+    # for decisions only (`with_context`): a step that routes nowhere skips them
+    past_slots: Tensor | None = None  # cache slots of every request's earlier tokens, request by request
+    past_cu_seqlens: Tensor | None = None  # [R+1]
+    requests: Tensor | None = None  # [T] each token's request
+    rank_layout: RankLayout | None = None  # shared by every block of the step
 
     @classmethod
-    def of(cls, metadata, block_size: int, positions: Tensor) -> StepRouting:
+    def of(cls, metadata, positions: Tensor) -> StepRouting:
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(_StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
-        n_step = cu[1:] - cu[:-1]
-        n_past = metadata.seq_lens[:num_reqs] - n_step
+        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
+        is_prompt = positions[:num_tokens] < prompt_lens
+        return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
+                   block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()))
+
+    def with_context(self, metadata, block_size: int) -> None:
+        """Where each request's earlier tokens are, which decisions rank against."""
+        cu = self.cu_seqlens
+        n_past = metadata.seq_lens[:len(cu) - 1] - (cu[1:] - cu[:-1])
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
-        past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
-        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, n_step, output_size=num_tokens)
-        is_prompt = positions[:num_tokens] < prompt_lens
-        return cls(
-            cu_seqlens=cu,
-            prompt_lens=prompt_lens,
-            slots=metadata.slot_mapping[:num_tokens],
-            past_slots=past_slots,
-            past_cu_seqlens=past_cu,
-            requests=request_ids(cu),
-            block_table=metadata.block_table,
-            rank_layout=RankLayout(cu, past_cu),
-            is_prompt=is_prompt,
-            num_prompt=int(is_prompt.sum()),
-        )
+        self.past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
+        self.past_cu_seqlens = past_cu
+        self.requests = request_ids(cu)
+        self.rank_layout = RankLayout(cu, past_cu)
 
 
 class RoutingState(nn.Module):
@@ -178,12 +175,14 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        step = self.step = StepRouting.of(metadata, self.block_size, positions)
+        step = self.step = StepRouting.of(metadata, positions)
         self._trace.clear()
         self._kept_all.clear()
         # a step that routes nowhere runs the stock blocks, which score hidden states only
         self.routes_step = (self.score_weight is None or (self._routes_prompts and step.num_prompt > 0)
                             or (self._routes_decodes and step.num_prompt < len(step.slots)))
+        if self.routes_step:
+            step.with_context(metadata, self.block_size)
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
@@ -355,7 +354,7 @@ class RoutedDecoderLayer(nn.Module):
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states, residual = self._input_norm(hidden_states, residual)
         if self.routing and not self.routing[0].router.is_dense(self.layer_idx):
             if self.routing[0].routes_step and not torch.compiler.is_compiling():
                 return self._routed(self.routing[0], positions, hidden_states, residual)
@@ -363,6 +362,9 @@ class RoutedDecoderLayer(nn.Module):
                 scores = hidden_scores(hidden_states, self.score_weight, self.score_bias)
                 torch.ops.vllm.ftp_block_scores(scores, hidden_states, self.prefix)
         return self._dense(positions, hidden_states, residual)
+
+    def _input_norm(self, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.input_layernorm(hidden_states, residual)
 
     def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         hidden_states = self.self_attn(positions=positions, hidden_states=normed)
@@ -454,11 +456,12 @@ class RoutedDecoderLayer(nn.Module):
         return attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
 
     def compile_parts(self) -> None:
-        """A step that routes runs outside vLLM's compiled graph: compile the routed layer's
-        dense parts on their own, so that their norms and activations fuse as in the stock
-        compiled layers.  A block that keeps every token runs whole (`_dense`) as one
+        """A step that routes runs outside vLLM's compiled graph: compile the layer's dense
+        parts on their own, so that their norms and activations fuse as in the stock
+        compiled layers (vLLM's compiled mode runs its norms as plain torch code, slow
+        uncompiled).  A block that keeps every token runs whole (`_dense`) as one
         compiled piece."""
-        for name in ("_dense", "_finish", "_kept_query", "_rotary_keys"):
+        for name in ("_input_norm", "_dense", "_finish", "_kept_query", "_rotary_keys"):
             setattr(self, name, _compile_tokenwise(getattr(self, name)))
 
     def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor):
