@@ -162,11 +162,11 @@ def test_fast_path_equals_simple_path_real_model(real_model, tmp_path):
 
 
 def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
-    """vLLM's default compiled mode: same decisions and greedy tokens as eager (float32).
-    Decode tokens are kept (as by the shipped routers) and prompts routed (the tiny
-    router's decode thresholds; its calibration prompts were too short to route), so
-    decode steps run vLLM's compiled graph (stock blocks that record scores) and prompt
-    steps the routed blocks with their compiled parts."""
+    """vLLM's default compiled mode runs the routed blocks as an opaque op inside the
+    compiled graph: same decisions and greedy tokens as eager (float32).  Decode tokens
+    are kept (as by the shipped routers) and prompts routed (the tiny router's decode
+    thresholds; its calibration prompts were too short to route), so decode steps run the
+    compiled keep-everything block and prompt steps the compiled routed parts."""
     from ftp_vllm.checkpoint import load_checkpoint
 
     _, _, folder, tok = tiny_router
@@ -188,6 +188,4 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     kept = [k for s in compiled["traces"][0] for mask in s["keep"].values() for k in mask]
     assert 0 < sum(kept) < len(kept)
     decode_steps = [s for s in compiled["traces"][0] if all(p >= n for p, n in zip(s["positions"], s["prompt_lens"]))]
-    routed_blocks = {str(b) for b, target in enumerate(SCHEDULE) if target > 0}
-    assert decode_steps and all(set(s["keep"]) == routed_blocks for s in decode_steps), "every routed block records"
-    assert all(all(m) for s in decode_steps for m in s["keep"].values())
+    assert decode_steps and all(all(m) for s in decode_steps for m in s["keep"].values())

@@ -27,13 +27,6 @@ picks the first):
   only (attention at the kept queries' own positions, see
   `ftp_vllm.kernels.attention`).  Routed blocks get the query and K/V
   projections as separate layers, split from the fused one after loading.
-
-In vLLM's compiled mode the compiled graph is the stock model plus, at each
-routed block, an op that records its tokens' scores: a step in which no block
-routes (every step of a keep-everything router, decode steps of a router that
-keeps decode tokens dense) runs that graph.  A step that routes has
-data-dependent shapes; it runs the model outside the graph, with the routed
-blocks' dense parts compiled on their own (`compile_parts`).
 """
 
 from __future__ import annotations
@@ -96,35 +89,38 @@ class StepRouting:
     cu_seqlens: Tensor  # [R+1] step tokens of request r: cu[r]:cu[r+1]
     prompt_lens: Tensor  # [T] prompt length of each token's request
     slots: Tensor  # [T] each token's cache slot
+    past_slots: Tensor  # cache slots of every request's earlier tokens, request by request
+    past_cu_seqlens: Tensor  # [R+1]
+    requests: Tensor  # [T] each token's request
     block_table: Tensor  # [R, pages] the attention metadata's
+    rank_layout: RankLayout  # shared by every block of the step
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
-    # for decisions only (`with_context`): a step that routes nowhere skips them
-    past_slots: Tensor | None = None  # cache slots of every request's earlier tokens, request by request
-    past_cu_seqlens: Tensor | None = None  # [R+1]
-    requests: Tensor | None = None  # [T] each token's request
-    rank_layout: RankLayout | None = None  # shared by every block of the step
 
     @classmethod
-    def of(cls, metadata, positions: Tensor) -> StepRouting:
+    def of(cls, metadata, block_size: int, positions: Tensor) -> StepRouting:
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(_StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
-        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
-        is_prompt = positions[:num_tokens] < prompt_lens
-        return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
-                   block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()))
-
-    def with_context(self, metadata, block_size: int) -> None:
-        """Where each request's earlier tokens are, which decisions rank against."""
-        cu = self.cu_seqlens
-        n_past = metadata.seq_lens[:len(cu) - 1] - (cu[1:] - cu[:-1])
+        n_step = cu[1:] - cu[:-1]
+        n_past = metadata.seq_lens[:num_reqs] - n_step
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
-        self.past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
-        self.past_cu_seqlens = past_cu
-        self.requests = request_ids(cu)
-        self.rank_layout = RankLayout(cu, past_cu)
+        past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
+        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, n_step, output_size=num_tokens)
+        is_prompt = positions[:num_tokens] < prompt_lens
+        return cls(
+            cu_seqlens=cu,
+            prompt_lens=prompt_lens,
+            slots=metadata.slot_mapping[:num_tokens],
+            past_slots=past_slots,
+            past_cu_seqlens=past_cu,
+            requests=request_ids(cu),
+            block_table=metadata.block_table,
+            rank_layout=RankLayout(cu, past_cu),
+            is_prompt=is_prompt,
+            num_prompt=int(is_prompt.sum()),
+        )
 
 
 class RoutingState(nn.Module):
@@ -150,10 +146,6 @@ class RoutingState(nn.Module):
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
         self._kept_all: list[int] = []  # blocks that kept every token this step
-        targets = [router.targets(b) for b in range(num_blocks)]
-        self._routes_prompts = any(t[0] > 0 for t in targets)
-        self._routes_decodes = any(t[1] > 0 for t in targets)
-        self.routes_step = False  # whether some block may skip a token of the current step
         if self._stats_path:  # the last steps before an idle spell must reach the file too
             threading.Thread(target=self._flush_stats, daemon=True, name="ftp-stats").start()
 
@@ -167,7 +159,7 @@ class RoutingState(nn.Module):
                 written = counts
 
     def begin_step(self, layer_name: str, positions: Tensor) -> None:
-        self.step, self.routes_step = None, False
+        self.step = None
         if not is_forward_context_available() or _StepPrompts.prompt_lens is None:
             return
         metadata = get_forward_context().attn_metadata
@@ -175,14 +167,9 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        step = self.step = StepRouting.of(metadata, positions)
+        self.step = StepRouting.of(metadata, self.block_size, positions)
         self._trace.clear()
         self._kept_all.clear()
-        # a step that routes nowhere runs the stock blocks, which score hidden states only
-        self.routes_step = (self.score_weight is None or (self._routes_prompts and step.num_prompt > 0)
-                            or (self._routes_decodes and step.num_prompt < len(step.slots)))
-        if self.routes_step:
-            step.with_context(metadata, self.block_size)
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
@@ -206,26 +193,24 @@ class RoutingState(nn.Module):
             self.score_bias = weight.new_zeros(self.router.num_blocks)
         self.score_weight[block], self.score_bias[block] = weight, bias
 
-    def scores(self, block: int, normed: Tensor, keys: Tensor | None) -> Tensor:
-        """Router scores of the step's tokens at `block`: from their normed hidden states, or
-        their pre-rotary keys [T, KV, d] where the key projection is not folded."""
-        if self.score_weight is not None:
-            return hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
-        return self.router.block_scores(block, keys)
-
-    def _store(self, block: int, scores: Tensor, num_slots: int) -> Tensor:
-        """Scores to the score cache at the step's slots; summed over ranks first."""
+    def _scores(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> Tensor:
+        """Router scores of the step's tokens, also written to the score cache at their slots;
+        from their normed hidden states, or their keys where the key projection is not folded."""
         if self.score_cache is None or self.score_cache.shape[1] < num_slots:
-            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=scores.device)
+            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=normed.device)
+        if self.score_weight is not None:
+            scores = hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
+        else:
+            scores = self.router.block_scores(block, keys)
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         self.score_cache[block, self.step.slots] = scores
         return scores
 
-    def keep_all(self, block: int, scores: Tensor, num_slots: int) -> None:
-        """A step in which `block` keeps every token: its tokens' scores to the cache (later
-        tokens rank against them), no decisions; counted once per step in `end_step`."""
-        self._store(block, scores[:len(self.step.slots)], num_slots)
+    def keep_all(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> None:
+        """A step in which `block` keeps every token: scores to the cache (later tokens rank
+        against them), no decisions; counted once per step in `end_step`."""
+        self._scores(block, normed, keys, num_slots)
         self._kept_all.append(block)
         if self._trace_path:
             self._trace[block] = torch.ones(len(self.step.slots), dtype=torch.bool)
@@ -234,7 +219,7 @@ class RoutingState(nn.Module):
         """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
         pre-rotary keys [T, KV, d])."""
         step, router = self.step, self.router
-        scores = self._store(block, self.scores(block, normed, keys), num_slots)
+        scores = self._scores(block, normed, keys, num_slots)
         past = self.score_cache[block, step.past_slots]  # other slots than the step's
         logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
                                      step.past_cu_seqlens, step.rank_layout)
@@ -339,10 +324,6 @@ class RoutedDecoderLayer(nn.Module):
         self.layer_idx = extract_layer_index(prefix)
         self.prefix = prefix
         self.routing: tuple[RoutingState] | tuple = ()  # a tuple: not a submodule of every layer
-        # the routing state's folded key projection rows for this block (`fold_scores`), as
-        # buffers: inputs of the compiled graph, not constants baked into it
-        self.register_buffer("score_weight", None, persistent=False)
-        self.register_buffer("score_bias", None, persistent=False)
 
     def forward(
         self,
@@ -354,34 +335,30 @@ class RoutedDecoderLayer(nn.Module):
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
-            hidden_states, residual = self._input_norm(hidden_states, residual)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.routing and not self.routing[0].router.is_dense(self.layer_idx):
-            if self.routing[0].routes_step and not torch.compiler.is_compiling():
-                return self._routed(self.routing[0], positions, hidden_states, residual)
-            if self.score_weight is not None:  # a step that routes nowhere (the compiled graph's kind)
-                scores = hidden_scores(hidden_states, self.score_weight, self.score_bias)
-                torch.ops.vllm.ftp_block_scores(scores, hidden_states, self.prefix)
+            if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
+                return torch.ops.vllm.ftp_routed_layer(positions, hidden_states, residual, self.prefix), residual
+            return self.routed_forward(positions, hidden_states, residual)
         return self._dense(positions, hidden_states, residual)
-
-    def _input_norm(self, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        return self.input_layernorm(hidden_states, residual)
 
     def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         hidden_states = self.self_attn(positions=positions, hidden_states=normed)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def record_scores(self, scores: Tensor) -> None:
-        """A step that routes nowhere: the block keeps every token and records their scores."""
+    def routed_forward(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything after the input norm of a routed block (dense on warm-up steps)."""
         state = self.routing[0]
-        if state.step is not None:  # not a warm-up step
-            state.keep_all(self.layer_idx, scores, self._num_slots())
+        if state.step is None:
+            return self._dense(positions, normed, residual)
+        return self._routed(state, positions, normed, residual)
 
     def _keep_all(self, state: RoutingState, positions: Tensor, normed: Tensor, residual: Tensor):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
         qkv = self._qkv_for_key_scores(state, normed)
-        state.keep_all(self.layer_idx, state.scores(self.layer_idx, normed, self._keys(qkv, state)), self._num_slots())
+        state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
         return self._stock(positions, normed, qkv, residual)
 
     def _qkv_for_key_scores(self, state: RoutingState, normed: Tensor) -> Tensor | None:
@@ -456,12 +433,11 @@ class RoutedDecoderLayer(nn.Module):
         return attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
 
     def compile_parts(self) -> None:
-        """A step that routes runs outside vLLM's compiled graph: compile the layer's dense
-        parts on their own, so that their norms and activations fuse as in the stock
-        compiled layers (vLLM's compiled mode runs its norms as plain torch code, slow
-        uncompiled).  A block that keeps every token runs whole (`_dense`) as one
-        compiled piece."""
-        for name in ("_input_norm", "_dense", "_finish", "_kept_query", "_rotary_keys"):
+        """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own,
+        as vLLM does for its layers called from opaque ops, so that their norms and
+        activations fuse as in the stock compiled layers.  A step that keeps every token
+        runs the whole block (`_dense`) as one compiled piece."""
+        for name in ("_dense", "_finish", "_kept_query", "_rotary_keys"):
             setattr(self, name, _compile_tokenwise(getattr(self, name)))
 
     def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor):
@@ -490,7 +466,7 @@ def _compile_tokenwise(fn):
     compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
 
     def call(*args):
-        if torch.compiler.is_compiling() or any(len(arg) < 2 for arg in args):
+        if any(len(arg) < 2 for arg in args):
             return fn(*args)
         for arg in args:
             torch._dynamo.maybe_mark_dynamic(arg, 0)
@@ -558,18 +534,19 @@ def split_qkv(attn: nn.Module) -> None:
 _ROUTED_LAYERS: dict[str, RoutedDecoderLayer] = {}  # by prefix; one engine per process
 
 
-def _block_scores_op(scores: Tensor, normed: Tensor, prefix: str) -> None:
-    """`RoutedDecoderLayer.record_scores`, callable from the compiled graph.  Declared as
-    mutating `normed` (it does not), which the block reads next: the compiler drops an op
-    whose outputs and mutations nothing reads (measured: a mutated `scores` was dropped)."""
-    _ROUTED_LAYERS[prefix].record_scores(scores)
+def _routed_layer_op(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
+    """A routed block for compiled graphs: returns the hidden states, updates `residual` in place."""
+    hidden, updated = _ROUTED_LAYERS[prefix].routed_forward(positions, normed, residual)
+    if updated is not residual:
+        residual.copy_(updated)
+    return hidden
 
 
-def _block_scores_fake(scores: Tensor, normed: Tensor, prefix: str) -> None:
-    return None
+def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, prefix: str) -> Tensor:
+    return torch.empty_like(normed)
 
 
-direct_register_custom_op("ftp_block_scores", _block_scores_op, mutates_args=["normed"], fake_impl=_block_scores_fake)
+direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual"], fake_impl=_routed_layer_fake)
 
 
 def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
@@ -604,7 +581,7 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
         if isinstance(layer, RoutedDecoderLayer):
             layer.routing = (state,)
             _ROUTED_LAYERS[layer.prefix] = layer
-            if compiled:
+            if compiled and not router.is_dense(layer.layer_idx):
                 layer.compile_parts()
     _keep_routing_out_of_graphs(compilation)
     install_step_hook()
@@ -613,17 +590,17 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
 
 
 def _keep_routing_out_of_graphs(compilation_config) -> None:
-    """The score op reads the step's cache slots from the routing state, which a CUDA graph
-    would freeze: piecewise compilation splits the graph at it, and CUDA graphs capture
-    only the pieces between.  On CPUs vLLM compiles the whole graph and calls the op from it."""
+    """Piecewise compilation splits the graph at the routed-layer op, and CUDA graphs
+    (fixed shapes) capture only the pieces between: a routed step's shapes depend on
+    its data.  On CPUs vLLM compiles the whole graph and calls the op from it."""
     from vllm.config import CUDAGraphMode
 
-    op = "vllm::ftp_block_scores"
+    op = "vllm::ftp_routed_layer"
     if compilation_config.splitting_ops is not None and op not in compilation_config.splitting_ops:
         compilation_config.splitting_ops.append(op)
     mode = compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
-        logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (the score op reads each step's slots)", mode.name)
+        logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (routed steps have data-dependent shapes)", mode.name)
         compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
@@ -637,10 +614,7 @@ class FTPModelMixin:
         if self.ftp is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.ftp.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
-        if self.ftp.routes_step:  # data-dependent shapes: the model's code, not its compiled graph
-            out = self.model.forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        else:
-            out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         self.ftp.end_step(positions)
         return out
 
@@ -651,8 +625,5 @@ class FTPModelMixin:
             for layer in self.model.layers:
                 if isinstance(layer, RoutedDecoderLayer) and not self.ftp.router.is_dense(layer.layer_idx):
                     self.ftp.fold_scores(layer.layer_idx, layer.self_attn)
-                    if self.ftp.score_weight is not None:
-                        layer.score_weight = self.ftp.score_weight[layer.layer_idx]
-                        layer.score_bias = self.ftp.score_bias[layer.layer_idx]
                     split_qkv(layer.self_attn)
         return loaded
