@@ -188,4 +188,6 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     kept = [k for s in compiled["traces"][0] for mask in s["keep"].values() for k in mask]
     assert 0 < sum(kept) < len(kept)
     decode_steps = [s for s in compiled["traces"][0] if all(p >= n for p, n in zip(s["positions"], s["prompt_lens"]))]
-    assert decode_steps and all(all(m) for s in decode_steps for m in s["keep"].values())
+    routed_blocks = {str(b) for b, target in enumerate(SCHEDULE) if target > 0}
+    assert decode_steps and all(set(s["keep"]) == routed_blocks for s in decode_steps), "every routed block records"
+    assert all(all(m) for s in decode_steps for m in s["keep"].values())
