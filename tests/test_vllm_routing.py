@@ -162,11 +162,11 @@ def test_fast_path_equals_simple_path_real_model(real_model, tmp_path):
 
 
 def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
-    """vLLM's default compiled mode runs the routed blocks as an opaque op inside the
-    compiled graph: same decisions and greedy tokens as eager (float32).  Decode tokens
-    are kept (as by the shipped routers) and prompts routed (the tiny router's decode
-    thresholds; its calibration prompts were too short to route), so decode steps run the
-    compiled keep-everything block and prompt steps the compiled routed parts."""
+    """vLLM's default compiled mode: same decisions and greedy tokens as eager (float32).
+    Decode tokens are kept (as by the shipped routers) and prompts routed (the tiny
+    router's decode thresholds; its calibration prompts were too short to route), so
+    decode steps run the stock graph (stock blocks that record scores) and prompt steps
+    vLLM's graph with the routed blocks as an opaque op."""
     from ftp_vllm.checkpoint import load_checkpoint
 
     _, _, folder, tok = tiny_router
@@ -191,3 +191,6 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     routed_blocks = {str(b) for b, target in enumerate(SCHEDULE) if target > 0}
     assert decode_steps and all(set(s["keep"]) == routed_blocks for s in decode_steps), "every routed block records"
     assert all(all(m) for s in decode_steps for m in s["keep"].values())
+    assert all(s["stock_graph"] for s in decode_steps)
+    assert not any(s["stock_graph"] for s in compiled["traces"][0] if s not in decode_steps)
+    assert not any(s["stock_graph"] for s in eager["traces"][0])

@@ -27,6 +27,14 @@ picks the first):
   only (attention at the kept queries' own positions, see
   `ftp_vllm.kernels.attention`).  Routed blocks get the query and K/V
   projections as separate layers, split from the fused one after loading.
+
+In vLLM's compiled mode the model has two compiled graphs.  A step that routes
+runs vLLM's graph of the model, in which each routed block's routed part is
+one op opaque to the compiler (its shapes depend on the decisions).  A step in
+which no block can skip a token (decode steps of a router that keeps decode
+tokens dense, every step of a keep-everything router) runs a second graph:
+the stock model plus, at each routed block, an op that records its tokens'
+scores, which later tokens rank against.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CompilationMode
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.distributed import tensor_model_parallel_all_reduce
@@ -89,38 +98,35 @@ class StepRouting:
     cu_seqlens: Tensor  # [R+1] step tokens of request r: cu[r]:cu[r+1]
     prompt_lens: Tensor  # [T] prompt length of each token's request
     slots: Tensor  # [T] each token's cache slot
-    past_slots: Tensor  # cache slots of every request's earlier tokens, request by request
-    past_cu_seqlens: Tensor  # [R+1]
-    requests: Tensor  # [T] each token's request
     block_table: Tensor  # [R, pages] the attention metadata's
-    rank_layout: RankLayout  # shared by every block of the step
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
+    # for decisions only (`with_context`): a step that routes nowhere skips them
+    past_slots: Tensor | None = None  # cache slots of every request's earlier tokens, request by request
+    past_cu_seqlens: Tensor | None = None  # [R+1]
+    requests: Tensor | None = None  # [T] each token's request
+    rank_layout: RankLayout | None = None  # shared by every block of the step
 
     @classmethod
-    def of(cls, metadata, block_size: int, positions: Tensor) -> StepRouting:
+    def of(cls, metadata, positions: Tensor) -> StepRouting:
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(_StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
-        n_step = cu[1:] - cu[:-1]
-        n_past = metadata.seq_lens[:num_reqs] - n_step
+        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
+        is_prompt = positions[:num_tokens] < prompt_lens
+        return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
+                   block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()))
+
+    def with_context(self, metadata, block_size: int) -> None:
+        """Where each request's earlier tokens are, which decisions rank against."""
+        cu = self.cu_seqlens
+        n_past = metadata.seq_lens[:len(cu) - 1] - (cu[1:] - cu[:-1])
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
-        past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
-        prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, n_step, output_size=num_tokens)
-        is_prompt = positions[:num_tokens] < prompt_lens
-        return cls(
-            cu_seqlens=cu,
-            prompt_lens=prompt_lens,
-            slots=metadata.slot_mapping[:num_tokens],
-            past_slots=past_slots,
-            past_cu_seqlens=past_cu,
-            requests=request_ids(cu),
-            block_table=metadata.block_table,
-            rank_layout=RankLayout(cu, past_cu),
-            is_prompt=is_prompt,
-            num_prompt=int(is_prompt.sum()),
-        )
+        self.past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
+        self.past_cu_seqlens = past_cu
+        self.requests = request_ids(cu)
+        self.rank_layout = RankLayout(cu, past_cu)
 
 
 class RoutingState(nn.Module):
@@ -146,6 +152,11 @@ class RoutingState(nn.Module):
         self._stats_path = os.environ.get("FTP_VLLM_STATS")
         self._trace: dict[int, Tensor] = {}
         self._kept_all: list[int] = []  # blocks that kept every token this step
+        targets = [router.targets(b) for b in range(num_blocks)]
+        self._routes_prompts = any(t[0] > 0 for t in targets)
+        self._routes_decodes = any(t[1] > 0 for t in targets)
+        self.routes_step = False  # whether some block may skip a token of the current step
+        self.stock_graph_step = False  # whether the current step ran the stock graph (traced)
         if self._stats_path:  # the last steps before an idle spell must reach the file too
             threading.Thread(target=self._flush_stats, daemon=True, name="ftp-stats").start()
 
@@ -159,7 +170,7 @@ class RoutingState(nn.Module):
                 written = counts
 
     def begin_step(self, layer_name: str, positions: Tensor) -> None:
-        self.step = None
+        self.step, self.routes_step = None, False
         if not is_forward_context_available() or _StepPrompts.prompt_lens is None:
             return
         metadata = get_forward_context().attn_metadata
@@ -167,9 +178,14 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        self.step = StepRouting.of(metadata, self.block_size, positions)
+        step = self.step = StepRouting.of(metadata, positions)
         self._trace.clear()
         self._kept_all.clear()
+        # a step that routes nowhere runs stock blocks, which score hidden states only
+        self.routes_step = (self.score_weight is None or (self._routes_prompts and step.num_prompt > 0)
+                            or (self._routes_decodes and step.num_prompt < len(step.slots)))
+        if self.routes_step:
+            step.with_context(metadata, self.block_size)
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
@@ -193,24 +209,26 @@ class RoutingState(nn.Module):
             self.score_bias = weight.new_zeros(self.router.num_blocks)
         self.score_weight[block], self.score_bias[block] = weight, bias
 
-    def _scores(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> Tensor:
-        """Router scores of the step's tokens, also written to the score cache at their slots;
-        from their normed hidden states, or their keys where the key projection is not folded."""
-        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
-            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=normed.device)
+    def scores(self, block: int, normed: Tensor, keys: Tensor | None) -> Tensor:
+        """Router scores of the step's tokens at `block`: from their normed hidden states, or
+        their pre-rotary keys [T, KV, d] where the key projection is not folded."""
         if self.score_weight is not None:
-            scores = hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
-        else:
-            scores = self.router.block_scores(block, keys)
+            return hidden_scores(normed[:len(self.step.slots)], self.score_weight[block], self.score_bias[block])
+        return self.router.block_scores(block, keys)
+
+    def _store(self, block: int, scores: Tensor, num_slots: int) -> Tensor:
+        """Scores to the score cache at the step's slots; summed over ranks first."""
+        if self.score_cache is None or self.score_cache.shape[1] < num_slots:
+            self.score_cache = torch.zeros(self.router.num_blocks, num_slots, dtype=torch.float32, device=scores.device)
         if get_tensor_model_parallel_world_size() > 1:  # each rank holds some KV heads
             scores = tensor_model_parallel_all_reduce(scores)
         self.score_cache[block, self.step.slots] = scores
         return scores
 
-    def keep_all(self, block: int, normed: Tensor, keys: Tensor | None, num_slots: int) -> None:
-        """A step in which `block` keeps every token: scores to the cache (later tokens rank
-        against them), no decisions; counted once per step in `end_step`."""
-        self._scores(block, normed, keys, num_slots)
+    def keep_all(self, block: int, scores: Tensor, num_slots: int) -> None:
+        """A step in which `block` keeps every token: its tokens' scores to the cache (later
+        tokens rank against them), no decisions; counted once per step in `end_step`."""
+        self._store(block, scores[:len(self.step.slots)], num_slots)
         self._kept_all.append(block)
         if self._trace_path:
             self._trace[block] = torch.ones(len(self.step.slots), dtype=torch.bool)
@@ -219,7 +237,7 @@ class RoutingState(nn.Module):
         """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
         pre-rotary keys [T, KV, d])."""
         step, router = self.step, self.router
-        scores = self._scores(block, normed, keys, num_slots)
+        scores = self._store(block, self.scores(block, normed, keys), num_slots)
         past = self.score_cache[block, step.past_slots]  # other slots than the step's
         logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
                                      step.past_cu_seqlens, step.rank_layout)
@@ -310,6 +328,7 @@ class RoutingState(nn.Module):
             "cu_seqlens": step.cu_seqlens.tolist(),
             "positions": positions[: len(step.slots)].tolist(),
             "prompt_lens": step.prompt_lens.tolist(),
+            "stock_graph": self.stock_graph_step,
             "keep": {str(b): k.int().tolist() for b, k in sorted(self._trace.items())},
         }
         with open(self._trace_path, "a") as f:
@@ -324,6 +343,10 @@ class RoutedDecoderLayer(nn.Module):
         self.layer_idx = extract_layer_index(prefix)
         self.prefix = prefix
         self.routing: tuple[RoutingState] | tuple = ()  # a tuple: not a submodule of every layer
+        # this block's rows of the routing state's folded key projection (`fold_scores`), as
+        # buffers: inputs of the compiled stock graph, not constants baked into it
+        self.register_buffer("score_weight", None, persistent=False)
+        self.register_buffer("score_bias", None, persistent=False)
 
     def forward(
         self,
@@ -337,15 +360,25 @@ class RoutedDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.routing and not self.routing[0].router.is_dense(self.layer_idx):
-            if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
+            if _StockGraph.tracing:  # a step that routes nowhere: stock block, scores recorded
+                scores = hidden_scores(hidden_states, self.score_weight, self.score_bias)
+                torch.ops.vllm.ftp_block_scores(scores, hidden_states, self.prefix)
+            elif torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
                 return torch.ops.vllm.ftp_routed_layer(positions, hidden_states, residual, self.prefix), residual
-            return self.routed_forward(positions, hidden_states, residual)
+            else:
+                return self.routed_forward(positions, hidden_states, residual)
         return self._dense(positions, hidden_states, residual)
 
     def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         hidden_states = self.self_attn(positions=positions, hidden_states=normed)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    def record_scores(self, scores: Tensor) -> None:
+        """The stock graph's block keeps every token and records their scores."""
+        state = self.routing[0]
+        if state.step is not None:  # not a warm-up step
+            state.keep_all(self.layer_idx, scores, self._num_slots())
 
     def routed_forward(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """Everything after the input norm of a routed block (dense on warm-up steps)."""
@@ -358,7 +391,7 @@ class RoutedDecoderLayer(nn.Module):
         """A step with nothing to decide at this block: the stock computation, plus the
         scores that later tokens rank against."""
         qkv = self._qkv_for_key_scores(state, normed)
-        state.keep_all(self.layer_idx, normed, self._keys(qkv, state), self._num_slots())
+        state.keep_all(self.layer_idx, state.scores(self.layer_idx, normed, self._keys(qkv, state)), self._num_slots())
         return self._stock(positions, normed, qkv, residual)
 
     def _qkv_for_key_scores(self, state: RoutingState, normed: Tensor) -> Tensor | None:
@@ -466,7 +499,7 @@ def _compile_tokenwise(fn):
     compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
 
     def call(*args):
-        if any(len(arg) < 2 for arg in args):
+        if torch.compiler.is_compiling() or any(len(arg) < 2 for arg in args):
             return fn(*args)
         for arg in args:
             torch._dynamo.maybe_mark_dynamic(arg, 0)
@@ -549,6 +582,20 @@ def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, pref
 direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual"], fake_impl=_routed_layer_fake)
 
 
+def _block_scores_op(scores: Tensor, normed: Tensor, prefix: str) -> None:
+    """`RoutedDecoderLayer.record_scores` for the stock graph.  Declared as mutating `normed`
+    (it does not), which the block reads next: the compiler drops an op whose outputs and
+    mutations nothing reads (a mutated `scores` was dropped)."""
+    _ROUTED_LAYERS[prefix].record_scores(scores)
+
+
+def _block_scores_fake(scores: Tensor, normed: Tensor, prefix: str) -> None:
+    return None
+
+
+direct_register_custom_op("ftp_block_scores", _block_scores_op, mutates_args=["normed"], fake_impl=_block_scores_fake)
+
+
 def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
     """Load the router named in the HF config (`ftp_router`, set by `--ftp-router` or
     `hf_overrides`) and hand it to every decoder layer; None leaves the model stock."""
@@ -595,27 +642,66 @@ def _keep_routing_out_of_graphs(compilation_config) -> None:
     its data.  On CPUs vLLM compiles the whole graph and calls the op from it."""
     from vllm.config import CUDAGraphMode
 
-    op = "vllm::ftp_routed_layer"
-    if compilation_config.splitting_ops is not None and op not in compilation_config.splitting_ops:
-        compilation_config.splitting_ops.append(op)
+    for op in ("vllm::ftp_routed_layer", "vllm::ftp_block_scores"):  # the latter reads the step's slots
+        if compilation_config.splitting_ops is not None and op not in compilation_config.splitting_ops:
+            compilation_config.splitting_ops.append(op)
     mode = compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
         logger.info("FTP routing: CUDA graphs %s -> PIECEWISE (routed steps have data-dependent shapes)", mode.name)
         compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {0: "b"},
+                                         "intermediate_tensors": {0: "b"}, "inputs_embeds": {0: "b"}})
+class _StockGraph(nn.Module):
+    """vLLM's compiled graph of the model as its routed blocks run in a step that routes
+    nowhere: stock blocks that record their tokens' scores.  The model's layers read
+    `tracing` while the compiler traces this module (a compiled graph never reads it)."""
+
+    tracing = False
+
+    def __init__(self, *, vllm_config, model: nn.Module, prefix: str = ""):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model.forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def run(self, *args):
+        _StockGraph.tracing = True
+        try:
+            return self(*args)
+        finally:
+            _StockGraph.tracing = False
+
+
 class FTPModelMixin:
     """Adds routing to a vLLM *ForCausalLM: call `_init_routing` at the end of __init__."""
 
     def _init_routing(self, vllm_config) -> None:
+        from vllm.compilation.backends import set_model_tag
+
         self.ftp = attach_routing(self, vllm_config)
+        self.stock_graph: tuple[_StockGraph] | tuple = ()  # a tuple: the model's modules are registered once
+        if self.ftp is not None and vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE):
+            with set_model_tag("ftp_stock_graph"):  # its own compile cache
+                self.stock_graph = (_StockGraph(vllm_config=vllm_config, model=self.model),)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if self.ftp is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        self.ftp.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
-        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        self.ftp.end_step(positions)
+        state = self.ftp
+        state.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        state.stock_graph_step = bool(self.stock_graph) and state.score_weight is not None and not state.routes_step
+        if not state.stock_graph_step:
+            out = super().forward(*args)
+        elif state.step is not None:
+            out = self.stock_graph[0].run(*args)
+        else:  # warm-up: both graphs compile before serving
+            self.stock_graph[0].run(*args)
+            out = super().forward(*args)
+        state.end_step(positions)
         return out
 
     def load_weights(self, weights):
@@ -625,5 +711,8 @@ class FTPModelMixin:
             for layer in self.model.layers:
                 if isinstance(layer, RoutedDecoderLayer) and not self.ftp.router.is_dense(layer.layer_idx):
                     self.ftp.fold_scores(layer.layer_idx, layer.self_attn)
+                    if self.ftp.score_weight is not None:
+                        layer.score_weight = self.ftp.score_weight[layer.layer_idx]
+                        layer.score_bias = self.ftp.score_bias[layer.layer_idx]
                     split_qkv(layer.self_attn)
         return loaded
