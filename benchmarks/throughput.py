@@ -20,8 +20,9 @@ lengths, `ignore_eos`):
 
 Figures are medians over `--repeats`; ratio_to_dense divides by the dense run
 of the same workload and mode.  Every method runs in each of `--modes`:
-`eager` (`--enforce-eager`) and `compiled` (vLLM's default; the routed blocks
-are an opaque op inside the compiled graph).  Prefix caching is off, so every
+`eager` (`--enforce-eager`) and `compiled` (vLLM's default; a step that routes
+runs the routed blocks as an opaque op inside vLLM's graph, a step that routes
+nowhere a second graph of stock blocks).  Prefix caching is off, so every
 repetition computes every prompt.  The ideal speed-up is a FLOP count of what
 a skipped token does not compute, with the realised per-block keep rates of
 the run (read from the engine's counters): a kept

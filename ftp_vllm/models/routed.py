@@ -683,7 +683,8 @@ class FTPModelMixin:
 
         self.ftp = attach_routing(self, vllm_config)
         self.stock_graph: tuple[_StockGraph] | tuple = ()  # a tuple: the model's modules are registered once
-        if self.ftp is not None and vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE):
+        compiles = vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
+        if self.ftp is not None and compiles:  # as `support_torch_compile` decides
             with set_model_tag("ftp_stock_graph"):  # its own compile cache
                 self.stock_graph = (_StockGraph(vllm_config=vllm_config, model=self.model),)
 
