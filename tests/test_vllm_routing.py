@@ -72,8 +72,11 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
          "env": {"FTP_VLLM_TRACE": str(tmp_path / "chunked.jsonl")}},
         # all prompts in one batch: prefill and decode mixed in steps
         {"llm": {**llm, "max_num_batched_tokens": 64}, "prompts": inputs, "max_tokens": NEW_TOKENS},
+        # scores from keys, as for quantized weights (no folded key projection)
+        {"llm": llm, "prompts": inputs, "max_tokens": NEW_TOKENS, "one_by_one": True,
+         "env": {"FTP_VLLM_SCORE": "keys", "FTP_VLLM_TRACE": str(tmp_path / "keys.jsonl")}},
     ]
-    whole, chunked, batched = run_engines(runs)
+    whole, chunked, batched, keys = run_engines(runs)
     assert whole["architecture"] == "FTPLlamaForCausalLM"
     for i, prompt in enumerate(prompts):
         generated = whole["tokens"][i]
@@ -98,6 +101,9 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
             assert not computed[: 128].any(), "expected a prefix-cache hit"
         assert torch.equal(got[routed][:, computed], ref_keep[routed][:, computed].long())
         assert batched["tokens"][i] == generated, f"prompt {i}: batch neighbours changed the output"
+        assert keys["tokens"][i] == generated
+        got = vllm_masks(keys["traces"][i], router.num_blocks, length)
+        assert torch.equal(got[routed], ref_keep[routed].long()), f"prompt {i}: keep masks from keys differ"
 
     # the realised-sparsity counters agree with the keep masks
     stats = json.loads((tmp_path / "stats.json").read_text())

@@ -198,9 +198,9 @@ class RoutingState(nn.Module):
     def fold_scores(self, block: int, attn: nn.Module) -> None:
         """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`): before
         any projection, and with no reduced-precision GEMM in the score.  Unquantized weights
-        only; others score keys."""
+        only; others score keys (as all do with `FTP_VLLM_SCORE=keys`, for tests and debugging)."""
         fused = attn.qkv_proj
-        if type(fused.quant_method).__name__ != "UnquantizedLinearMethod":
+        if type(fused.quant_method).__name__ != "UnquantizedLinearMethod" or os.environ.get("FTP_VLLM_SCORE") == "keys":
             return
         rows = slice(attn.q_size, attn.q_size + attn.kv_size)
         weight, bias = self.router.fold(block, fused.weight[rows], None if fused.bias is None else fused.bias[rows])
@@ -683,7 +683,8 @@ class FTPModelMixin:
 
         self.ftp = attach_routing(self, vllm_config)
         self.stock_graph: tuple[_StockGraph] | tuple = ()  # a tuple: the model's modules are registered once
-        compiles = vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
+        mode = vllm_config.compilation_config.mode
+        compiles = mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
         if self.ftp is not None and compiles:  # as `support_torch_compile` decides
             with set_model_tag("ftp_stock_graph"):  # its own compile cache
                 self.stock_graph = (_StockGraph(vllm_config=vllm_config, model=self.model),)
