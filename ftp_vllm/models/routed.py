@@ -181,9 +181,7 @@ class RoutingState(nn.Module):
         step = self.step = StepRouting.of(metadata, positions)
         self._trace.clear()
         self._kept_all.clear()
-        # a step that routes nowhere runs stock blocks, which score hidden states only
-        self.routes_step = (self.score_weight is None or (self._routes_prompts and step.num_prompt > 0)
-                            or (self._routes_decodes and step.num_prompt < len(step.slots)))
+        self.routes_step = self._has_routed_kinds(self._routes_prompts, self._routes_decodes)
         if self.routes_step:
             step.with_context(metadata, self.block_size)
 
@@ -192,8 +190,12 @@ class RoutingState(nn.Module):
         kinds of token (prompt, decode) whose target there is 0, e.g. decode steps of a
         router that keeps decode tokens dense."""
         prompt_target, decode_target = self.router.targets(block)
+        return self._has_routed_kinds(prompt_target > 0, decode_target > 0)
+
+    def _has_routed_kinds(self, prompts_routed: bool, decodes_routed: bool) -> bool:
+        """Whether the step holds a kind of token (prompt, decode) that is routed."""
         step = self.step
-        return (prompt_target > 0 and step.num_prompt > 0) or (decode_target > 0 and step.num_prompt < len(step.slots))
+        return (prompts_routed and step.num_prompt > 0) or (decodes_routed and step.num_prompt < len(step.slots))
 
     def fold_scores(self, block: int, attn: nn.Module) -> None:
         """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`): before
@@ -695,6 +697,7 @@ class FTPModelMixin:
         state = self.ftp
         state.begin_step(self.model.layers[self.model.start_layer].self_attn.attn.layer_name, positions)
         args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        # the stock graph scores hidden states only: a router that scores keys never runs it
         state.stock_graph_step = bool(self.stock_graph) and state.score_weight is not None and not state.routes_step
         if not state.stock_graph_step:
             out = super().forward(*args)
