@@ -23,6 +23,7 @@ served request would score.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import router as R
+
+
+# (block, block input [T, D], block output [T, D], token layout) -> keep [T] bool, or None: dense
+BlockSelector = Callable[[int, Tensor, Tensor, "Tokens"], "Tensor | None"]
 
 
 @dataclass
@@ -99,7 +104,7 @@ class RoutedModel(nn.Module):
         prompt_lens: Tensor | None = None,
         *,
         router: R.Router | None = None,
-        keep: Tensor | None = None,
+        keep: Tensor | BlockSelector | None = None,
         mode: str = "threshold",
         temperature: float = 1.0,
         return_hidden: bool = False,
@@ -108,7 +113,8 @@ class RoutedModel(nn.Module):
         """Run packed requests `input_ids` [T] split by `cu_seqlens` [R+1].
 
         prompt_lens [R]: tokens past it are continuation (decode rule); default all prompt.
-        keep [B, T] bool: given decisions (dense, static, random, ShortGPT); else `router`
+        keep [B, T] bool: given decisions (dense, static, random, ShortGPT); or a `BlockSelector`
+        that decides each block from its full output (oracles, for analysis); else `router`
         decides with `mode`: "threshold" (serving rule), "topk" (prompt: top-k per request
         at the block's sparsity), "calibrate" (set this pass's thresholds to hit the targets
         exactly, block after block, then apply them), "train" (straight-through soft gate
@@ -131,7 +137,7 @@ class RoutedModel(nn.Module):
             q, k, v = self.qkv(b, h)
             gate, router_logits, prob = None, h.new_zeros(T), None
             if keep is not None:
-                gate = keep[b]
+                gate = None if callable(keep) else keep[b]
             elif router is not None and not router.is_dense(b):
                 routed.append(b)
                 router_logits = router.block_logits(b, router.block_scores(b, k), positions, tok.prompt_lens, cu_seqlens)
@@ -139,6 +145,8 @@ class RoutedModel(nn.Module):
             attn = self._attention(b, q, k, v, cos, sin, bounds)
             h_mid = h + attn
             h_full = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
+            if callable(keep):
+                gate = keep(b, h, h_full, tok)
             if gate is None:
                 h, hard = h_full, torch.ones(T, dtype=torch.bool, device=h.device)
             else:
@@ -194,6 +202,7 @@ class Tokens:
     is_prompt: Tensor
     always: Tensor
     prompt_cu: Tensor  # cu_seqlens of the prompt parts alone
+    requests: Tensor  # each token's request
 
     @classmethod
     def of(cls, cu_seqlens: Tensor, prompt_lens: Tensor | None) -> Tokens:
@@ -204,7 +213,7 @@ class Tokens:
         token_prompt_lens = per_request[rid]
         prompt_cu = F.pad(per_request.cumsum(0), (1, 0))
         always = R.always_keep_mask(positions, token_prompt_lens)
-        return cls(positions, token_prompt_lens, positions < token_prompt_lens, always, prompt_cu)
+        return cls(positions, token_prompt_lens, positions < token_prompt_lens, always, prompt_cu, rid)
 
 
 # ---- calibration helpers ---------------------------------------------------
@@ -267,6 +276,25 @@ def random_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None,
     tok = Tokens.of(cu_seqlens, prompt_lens)
     noise = torch.rand(len(sparsity), len(tok.positions), generator=generator)
     return torch.stack([_prompt_topk(n, tok, float(s)) for n, s in zip(noise, sparsity)])
+
+
+def change_selector(sparsity, recency: float = 0.0) -> BlockSelector:
+    """An oracle for analysis, not a servable rule (it needs the block's output): each prompt
+    keeps the top-k tokens, at each block's sparsity, by how much the block changes them,
+    1 - cos(input, output) standardised within the request, plus `recency` x pos (the static
+    router's order by recency; 0: the change alone).  Always-kept tokens and continuation kept."""
+
+    def select(b: int, h_in: Tensor, h_out: Tensor, tok: Tokens) -> Tensor | None:
+        if sparsity[b] == 0:
+            return None
+        change = 1 - F.cosine_similarity(h_in, h_out, dim=-1)
+        count = torch.bincount(tok.requests).float()[tok.requests]
+        mean = torch.bincount(tok.requests, change)[tok.requests] / count
+        std = (torch.bincount(tok.requests, (change - mean) ** 2)[tok.requests] / count).sqrt()
+        score = (change - mean) / std.clamp_min(1e-6) + recency * R.position_feature(tok.positions, tok.prompt_lens)
+        return _prompt_topk(score, tok, float(sparsity[b]))
+
+    return select
 
 
 def _prompt_topk(scores: Tensor, tok: Tokens, sparsity: float, keep: Tensor | None = None) -> Tensor:

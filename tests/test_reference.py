@@ -4,6 +4,7 @@ import torch
 
 from ftp_vllm.reference import (
     block_influence,
+    change_selector,
     random_keep,
     rotate,
     shortgpt_blocks,
@@ -130,3 +131,26 @@ def test_baselines(tiny):
     drop = shortgpt_blocks(influence, 1)
     out = tiny(ids, cu, keep=shortgpt_keep(tiny.num_blocks, 24, drop), return_hidden=True)
     assert torch.equal(out.hidden[drop[0] + 1], out.hidden[drop[0]])
+
+
+def test_change_oracle(tiny):
+    """The analysis oracle keeps, per prompt, the tokens a block changes most (block 1 follows a
+    dense block 0, so its full output is the dense pass's); with a large recency weight it is
+    the static router."""
+    ids, cu = packed_batch([12, 12], seed=4)
+    prompt = torch.tensor([10, 10])
+    schedule = [0.0, 0.5, 0.5, 0.0]
+    out = tiny(ids, cu, prompt, keep=change_selector(schedule))
+    hidden = tiny(ids, cu, prompt, return_hidden=True).hidden
+    change = 1 - torch.nn.functional.cosine_similarity(hidden[1], hidden[2], dim=-1)
+    for start in (0, 12):
+        routable = change[start + 1:start + 9]  # the first and last prompt tokens are always kept
+        expected = torch.zeros(12, dtype=torch.bool)
+        expected[[0, 9, 10, 11]] = True
+        expected[1 + routable.topk(3).indices] = True  # 5 of 10 kept
+        assert out.keep[1, start:start + 12].tolist() == expected.tolist()
+    assert out.keep[[0, 3]].all()
+    static = static_keep(cu, schedule, prompt)
+    recent = tiny(ids, cu, prompt, keep=change_selector(schedule, recency=1e3))
+    assert torch.equal(recent.keep, static)
+    assert torch.allclose(recent.logits, tiny(ids, cu, prompt, keep=static).logits)
