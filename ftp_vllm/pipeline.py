@@ -169,9 +169,11 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
             "fitness": f"mean KL(dense || pruned) over the {s.chunk_len - s.context} continuation tokens of "
                        f"{s.search_chunks} calibration chunks after a {s.context}-token routed prompt",
             "static_router": {"schedule": static.schedule, "fitness": static.fitness,
-                              "uniform_fitness": static.uniform_fitness, "evaluations": static.evaluations},
+                              "uniform_fitness": static.uniform_fitness, "evaluations": static.evaluations,
+                              "best_per_generation": static.best_per_generation},
             "trained_router": {"schedule": tuned.schedule, "fitness": tuned.fitness,
-                               "uniform_fitness": tuned.uniform_fitness, "evaluations": tuned.evaluations},
+                               "uniform_fitness": tuned.uniform_fitness, "evaluations": tuned.evaluations,
+                               "best_per_generation": tuned.best_per_generation},
         },
         "training": {
             "command": command,
