@@ -58,8 +58,6 @@ def test_float32_batch_invariance_and_preemption(real_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: stock vLLM differs on 4 of 32 prompts, FTP on 6 (routing decisions "
-                                       "near a threshold flip with bfloat16 rounding); an open criterion")
 def test_bfloat16_batch_sensitivity_no_worse_than_stock(real_model):
     """In bfloat16 neither stock vLLM nor FTP is batch-invariant on this CPU; FTP (the shipped
     30% router) must differ between alone and among 32 no more often than stock.  Slow here
