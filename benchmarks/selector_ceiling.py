@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from ftp_vllm.checkpoint import check_compatible, load_checkpoint
+    from ftp_vllm.checkpoint import CheckpointError, check_compatible, load_checkpoint
     from ftp_vllm.model_store import resolve_model
     from ftp_vllm.reference import RoutedModel, change_selector, random_keep, static_keep
     from ftp_vllm.schedule import ContinuationBatch, continuation_logprobs, kl_and_nll
@@ -54,6 +54,12 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     folder = resolve_model(args.model)
+    try:  # a bad router fails before the model loads, in one line
+        routers = {name: load_checkpoint(name) for name in args.routers}
+        for _, config in routers.values():
+            check_compatible(config, folder)
+    except CheckpointError as e:
+        raise SystemExit(f"selector_ceiling: {e}") from None
     model = RoutedModel.from_pretrained(folder)
     batch = ContinuationBatch.of(token_chunks(AutoTokenizer.from_pretrained(folder), "evaluation", 256, args.chunks),
                                  224)
@@ -61,9 +67,7 @@ def main(argv=None) -> dict:
     dense_nll = kl_and_nll(dense, dense, batch.targets)[1]
     cu, prompt_lens = batch.cu_seqlens, batch.prompt_lens
     rows = []
-    for name in args.routers:
-        router, config = load_checkpoint(name)
-        check_compatible(config, folder)
+    for name, (router, _) in routers.items():
         schedule = router.sparsity.tolist()
         router.set_schedule(schedule, [0.0] * len(schedule))
         selectors = {
