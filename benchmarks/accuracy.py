@@ -23,7 +23,11 @@ target): ShortGPT drops round(s' B) blocks of lowest Block Influence, measured
 on calibration text (realised n / B), where s' is the share the router
 realised overall in this run (a router may keep decode tokens dense, a dropped
 block skips every token: so both skip about the same share of computations),
-or s when the router is not run; static-uniform applies the static router at
+or s when the router is not run; shortgpt-prompt drops the same kind of blocks
+under FTP's serving rule -- every prompt token skips them, decode tokens run
+every block -- with round(p' B) blocks, p' the router's realised prompt share
+(so prompt, decode and overall shares all match the router's: the like-for-like
+comparison of choosing tokens against choosing blocks); static-uniform applies the static router at
 one rate on every block but the first and last two (kept dense: skipping there
 ruins a small model), the rate set so the mean over all blocks is s; a decode
 token is the most recent token, which the static router always keeps, so its
@@ -58,13 +62,14 @@ import torch
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
 from ftp_vllm.evaluation import (
     CHANCE, ContinuationSums, Method, SkipCounter, calibration_block_influence, cloze_items, cloze_scores,
-    continuation_pass, random_rule, retention, shortgpt_rule, static_rule, uniform_schedule, wilson_interval,
+    continuation_pass, random_rule, retention, shortgpt_prompt_rule, shortgpt_rule, static_rule, uniform_schedule,
+    wilson_interval,
 )
 from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
 from ftp_vllm.reference import RoutedModel, shortgpt_blocks
 from ftp_vllm.texts import document_chunks, documents, file_documents
 
-METHODS = ("dense", "ftp", "shortgpt", "static-uniform", "random")
+METHODS = ("dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random")
 SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 30, 40)]
 
 
@@ -115,12 +120,13 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
         uniform = uniform_schedule(B, s, dense_edges(B))
         targets.append((s, uniform, uniform, None))
     influence = None
-    if "shortgpt" in args.methods and targets:
+    if {"shortgpt", "shortgpt-prompt"} & set(args.methods) and targets:
         influence = calibration_block_influence(model, tokenizer, args.calib_chunks, args.seed)
     for s, prompt, decode, label in targets:
         matched = {"matched_to": label, "matched_sparsity": round(s, 4)}
-        if "shortgpt" in args.methods:
-            methods.append(shortgpt_method(influence.tolist(), s, matched))
+        for name in ("shortgpt", "shortgpt-prompt"):
+            if name in args.methods:
+                methods.append(shortgpt_method(name, influence.tolist(), s, matched))
         if "static-uniform" in args.methods:
             uniform = uniform_schedule(B, s, dense_edges(B))
             methods.append(Method("static-uniform", keep_rule=static_rule(uniform),
@@ -132,11 +138,13 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
     return methods
 
 
-def shortgpt_method(influence: list[float], sparsity: float, info: dict) -> Method:
-    """Drop the round(sparsity B) blocks of lowest Block Influence."""
+def shortgpt_method(name: str, influence: list[float], sparsity: float, info: dict) -> Method:
+    """Drop the round(sparsity B) blocks of lowest Block Influence: for every token ("shortgpt")
+    or for prompt tokens only ("shortgpt-prompt")."""
     B = len(influence)
     dropped = shortgpt_blocks(torch.tensor(influence), round(sparsity * B))
-    return Method("shortgpt", keep_rule=shortgpt_rule(B, dropped),
+    rule = shortgpt_rule if name == "shortgpt" else shortgpt_prompt_rule
+    return Method(name, keep_rule=rule(B, dropped),
                   info={**info, "declared_sparsity": len(dropped) / B, "dropped_blocks": dropped,
                         "block_influence": [round(x, 5) for x in influence]})
 
@@ -172,9 +180,10 @@ def run(args) -> dict:
     rows, realised = [], {}
     for method in methods:
         t0 = time.perf_counter()
-        if method.method == "shortgpt" and method.info["matched_to"] in realised:  # match what the router skipped
-            info = {**method.info, "matched_sparsity": round(realised[method.info["matched_to"]], 4)}
-            method = shortgpt_method(method.info["block_influence"], info["matched_sparsity"], info)
+        if method.method.startswith("shortgpt") and method.info["matched_to"] in realised:  # what the router skipped
+            share = realised[method.info["matched_to"]]["sparsity" if method.method == "shortgpt" else "sparsity_prompt"]
+            info = {**method.info, "matched_sparsity": round(share, 4)}
+            method = shortgpt_method(method.method, method.info["block_influence"], share, info)
         bar.set_description(f"{method.method} {method.router_name or method.info.get('matched_sparsity', '')}")
         cont_counter, cloze_counter, sums = SkipCounter(), SkipCounter(), ContinuationSums()
         for i, batch in enumerate(chunk_batches):
@@ -198,7 +207,7 @@ def run(args) -> dict:
         row["sparsity_prompt_cloze"] = cloze_counter.share("prompt")
         rows.append(row)
         if method.router is not None:
-            realised[method.router_name] = row["sparsity"]
+            realised[method.router_name] = row
     bar.close()
     add_ratios(rows)
     return {

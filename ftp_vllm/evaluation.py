@@ -46,7 +46,7 @@ class Method:
     """One configuration: `router` decides (serving rule), or `keep_rule` gives the masks, or
     neither (dense).  `info` goes into the results as it is."""
 
-    method: str  # dense | ftp | shortgpt | static-uniform | random
+    method: str  # dense | ftp | shortgpt | shortgpt-prompt | static-uniform | random
     router_name: str | None = None
     router: Router | None = None
     keep_rule: KeepRule | None = None
@@ -94,6 +94,18 @@ def random_rule(schedule: Sequence[float], decode_schedule: Sequence[float], see
 
 def shortgpt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
     return lambda cu, prompt_lens: ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
+
+
+def shortgpt_prompt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
+    """ShortGPT's blocks dropped under FTP's serving rule: every prompt token skips them, decode
+    tokens run every block (attending to the skipped tokens' K/V, as with a router)."""
+
+    def rule(cu, prompt_lens):
+        keep = ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
+        keep[list(dropped)] = ~is_prompt(cu, prompt_lens)
+        return keep
+
+    return rule
 
 
 def calibration_block_influence(model: RoutedModel, tokenizer, chunks: int = 8, seed: int = 0) -> Tensor:

@@ -90,7 +90,8 @@ def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
     bi, bc = E._pack(branches)
     methods = [E.Method("dense"), E.Method("ftp", router=router),
                E.Method("static", keep_rule=E.static_rule([0.0, 0.5, 0.5, 0.0])),
-               E.Method("shortgpt", keep_rule=E.shortgpt_rule(4, [1, 2]))]
+               E.Method("shortgpt", keep_rule=E.shortgpt_rule(4, [1, 2])),
+               E.Method("shortgpt-prompt", keep_rule=E.shortgpt_prompt_rule(4, [1, 2]))]
     for method in methods:
         counter = E.SkipCounter()
         got = E.branch_logprobs(model, method, ci, cc, bi, bc, owner, counter)
@@ -104,6 +105,14 @@ def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
         torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-5)
         if method.method == "ftp":
             assert counter.share("decode") > 0  # decode tokens were routed, not just kept
+
+
+def test_shortgpt_prompt_rule_drops_blocks_for_prompt_tokens_only():
+    cu, prompt_lens = torch.tensor([0, 10, 16]), torch.tensor([7, 6])
+    keep = E.shortgpt_prompt_rule(4, [1, 3])(cu, prompt_lens)
+    prompt = E.is_prompt(cu, prompt_lens)
+    assert keep[[0, 2]].all()
+    assert torch.equal(keep[1], ~prompt) and torch.equal(keep[3], ~prompt)
 
 
 def test_random_rule_routes_decode_tokens_deterministically():
@@ -134,8 +143,8 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     report = json.loads(out.read_text())
     rows = report["results"]
     assert out.with_suffix(".png").stat().st_size > 0
-    assert [r["method"] for r in rows] == ["dense", "ftp", "shortgpt", "static-uniform", "random",
-                                           "shortgpt", "static-uniform", "random"]
+    assert [r["method"] for r in rows] == ["dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random",
+                                           "shortgpt", "shortgpt-prompt", "static-uniform", "random"]
     for r in rows:
         for key in ("method", "router", "sparsity", "ppl", "ppl_ratio", "top1_agreement", "kl", "cloze_acc",
                     "cloze_retention", "sparsity_prompt", "sparsity_decode", "full_seq_ppl", "cloze_ci95",
@@ -148,5 +157,9 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     assert dense["kl"] == pytest.approx(0.0, abs=1e-6)
     assert ftp["router"] == "tiny-s20" and ftp["sparsity_prompt"] > 0 and "sparsity_within_1pt" in ftp
     assert rows[2]["dropped_blocks"] and rows[2]["sparsity"] == pytest.approx(len(rows[2]["dropped_blocks"]) / 4)
-    assert rows[3]["sparsity_decode"] == 0.0  # the static router keeps the most recent token
+    prompt_only = rows[3]  # the same kind of blocks, skipped by prompt tokens only, matched on the prompt share
+    assert prompt_only["sparsity_decode"] == 0.0 and prompt_only["dropped_blocks"]
+    assert prompt_only["sparsity_prompt"] == pytest.approx(len(prompt_only["dropped_blocks"]) / 4)
+    assert prompt_only["matched_sparsity"] == pytest.approx(ftp["sparsity_prompt"], abs=1e-4)
+    assert rows[4]["sparsity_decode"] == 0.0  # the static router keeps the most recent token
     assert "python benchmarks/accuracy.py" in report["setup"]["command"]
