@@ -127,6 +127,8 @@ def router_shape(router: Router) -> dict:
         "head_dim": router.mean_query.shape[2],
         "hidden": router.mlp.fc1.out_features,
         "min_prompt": router.min_prompt,
+        "short_prompt_lengths": router.short_lengths,
+        "threshold_length": router.threshold_length,
     }
 
 
@@ -150,6 +152,7 @@ def save_checkpoint(folder: str | Path, router: Router, config: dict) -> Path:
             "decode_sparsity": router.decode_sparsity.tolist(),
             "threshold_prompt": router.threshold_prompt.tolist(),
             "threshold_decode": router.threshold_decode.tolist(),
+            "threshold_short": router.threshold_short.tolist(),
         },
     }
     (folder / CONFIG_FILE).write_text(json.dumps(_json_safe(full), indent=2, allow_nan=False) + "\n")
@@ -191,16 +194,21 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
     try:
         shape = config["router"]
         router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape.get("hidden", HIDDEN),
-                        shape.get("min_prompt", MIN_ROUTED_PROMPT))
+                        shape.get("min_prompt", MIN_ROUTED_PROMPT), shape.get("short_prompt_lengths", []),
+                        shape.get("threshold_length", 0))
         base_layers = config["base_model"]["num_layers"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: missing field {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
     if shape["num_blocks"] != base_layers:
         raise CheckpointError(f"{folder / CONFIG_FILE}: router has {shape['num_blocks']} blocks, its base model {base_layers} layers")
     try:
         state = load_file(str(folder / ROUTER_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{folder / ROUTER_FILE}: unreadable ({e})") from None
+    if not router.short_lengths:  # written before short-prompt thresholds existed
+        state.setdefault("threshold_short", router.threshold_short)
     expected = router.state_dict()
     wrong = [f"{k}: {list(state[k].shape) if k in state else 'missing'}, expected {list(v.shape)}"
              for k, v in expected.items() if k not in state or state[k].shape != v.shape]

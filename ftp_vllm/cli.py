@@ -30,6 +30,20 @@ def _train(args) -> None:
     print(format_summary(folder, config))
 
 
+def _calibrate_short_prompts(args) -> None:
+    import shlex
+
+    from .pipeline import add_short_thresholds
+
+    folder, config = add_short_thresholds(args.router, args.out, command="ftp-vllm " + shlex.join(args.argv))
+    report = config["realised_sparsity"]["short_prompts"]
+    print(f"router checkpoint: {folder}")
+    print(f"target prompt sparsity {config['target_sparsity']}; realised on held-out prompts of")
+    for length, r in report.items():
+        print(f"  {length:>4} tokens: {r['held_out_prompt_sparsity']}  ({r['held_out_windows']} prompts; "
+              f"thresholds fitted on {r['calibration_windows']})")
+
+
 def _add_train_parser(sub) -> None:
     from .pipeline import TrainSettings
 
@@ -78,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tiny_model)
 
     _add_train_parser(sub)
+
+    p = sub.add_parser("calibrate-short-prompts",
+                       help="give a router checkpoint thresholds of its own for prompts shorter than its training context")
+    p.add_argument("router", help="router checkpoint folder or shipped name")
+    p.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    p.set_defaults(func=_calibrate_short_prompts)
     return parser
 
 

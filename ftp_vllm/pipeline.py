@@ -35,7 +35,10 @@ import torch
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .evaluation import SkipCounter, is_prompt
 from .model_store import resolve_model
-from .reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, static_keep
+from .reference import (
+    RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds, short_prompt_lengths,
+    static_keep,
+)
 from .schedule import (
     ContinuationBatch, continuation_logprobs, genetic_search, kl_and_nll, router_fitness, scaled_schedule,
     static_fitness,
@@ -114,7 +117,8 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                             desc="schedule search (static router)", **search_args)
     start = _stage(stages, "static_search", start)
 
-    router = model.new_router(min_prompt=s.min_prompt)
+    router = model.new_router(min_prompt=s.min_prompt, short_lengths=short_prompt_lengths(s.min_prompt, s.context),
+                              threshold_length=s.context)
     router.set_schedule(static.schedule, decode_of(static.schedule))
     calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
     guide_fit = fit_guide(model, router, calib_text.input_ids, calib_text.cu_seqlens, calib_text.prompt_lens,
@@ -146,6 +150,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     none = calib_text.input_ids.new_zeros(0)
     calib_out = calibrate_router_thresholds(model, router, calib_text.input_ids, calib_text.cu_seqlens,
                                             calib_text.prompt_lens, logits_at=none)
+    short_windows = calibrate_short_thresholds(model, router, calib_text.prompts())
     start = _stage(stages, "router_search_and_thresholds", start)
 
     quality, eval_keep = evaluate(model, router, eval_text)
@@ -163,6 +168,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         "realised_sparsity": {
             "calibration_text (thresholds fitted here)": SkipCounter.of(calib_out.keep, is_prompt_cal).report(),
             "evaluation_text (held out)": SkipCounter.of(eval_keep, is_prompt(eval_text.cu_seqlens, eval_text.prompt_lens)).report(),
+            "short_prompts": short_prompt_report(model, router, calib_text, eval_text, short_windows),
         },
         "quality": quality,
         "search": {
@@ -220,6 +226,54 @@ def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict
     return quality, out.keep
 
 
+@torch.no_grad()
+def short_prompt_report(model: RoutedModel, router, calib_text: ContinuationBatch, eval_text: ContinuationBatch,
+                        windows: dict[int, int]) -> dict:
+    """Per short prompt length: the calibration windows its thresholds were fitted on, and the
+    prompt sparsity realised on held-out prompts of that length (windows of the evaluation text)."""
+    report = {}
+    prompts = eval_text.prompts()
+    for L in router.short_lengths:
+        cut = prompts[:, : prompts.shape[1] // L * L].reshape(-1, L)
+        cu = torch.arange(len(cut) + 1) * L
+        keep = model(cut.reshape(-1), cu, torch.full((len(cut),), L), router=router, logits_at=cut.new_zeros(0)).keep
+        report[str(L)] = {"calibration_windows": windows[L], "held_out_windows": len(cut),
+                          "held_out_prompt_sparsity": round(SkipCounter.of(keep, torch.ones(keep.shape[1], dtype=torch.bool)).share("prompt"), 4)}
+    return report
+
+
+def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "") -> tuple[Path, dict]:
+    """Give a checkpoint made without them short-prompt thresholds, calibrated on the calibration
+    chunks its training used (the router's MLP, schedule and other thresholds are unchanged)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import check_compatible, resolve_router
+
+    old, config = load_checkpoint(folder)
+    settings = TrainSettings(**{k: v for k, v in config["training"]["settings"].items()
+                                if k in TrainSettings.__dataclass_fields__})
+    model_folder = resolve_model(settings.model)
+    check_compatible(config, model_folder)
+    model = RoutedModel.from_pretrained(model_folder)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    _, calib_text, _ = calibration_split(tokenizer, settings)
+    eval_text = ContinuationBatch.of(token_chunks(tokenizer, "evaluation", settings.chunk_len, settings.eval_chunks,
+                                                  settings.seed), settings.context)
+    router = model.new_router(min_prompt=old.min_prompt,
+                              short_lengths=short_prompt_lengths(old.min_prompt, settings.context),
+                              threshold_length=settings.context)
+    state = old.state_dict()
+    state["threshold_short"] = router.threshold_short
+    router.load_state_dict(state)
+    windows = calibrate_short_thresholds(model, router, calib_text.prompts())
+    config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
+    config["realised_sparsity"]["short_prompts"] = short_prompt_report(model, router, calib_text, eval_text, windows)
+    config["training"]["short_thresholds_command"] = command
+    target = Path(out) if out is not None else resolve_router(folder)
+    save_checkpoint(target, router, config)
+    return target, load_checkpoint(target)[1]
+
+
 def loss_summary(history: list[dict]) -> dict:
     """Each loss averaged over the first and last tenth of training."""
     if not history:
@@ -243,6 +297,9 @@ def format_summary(folder: Path, config: dict) -> str:
         f"decode schedule: {fmt(sched['decode_sparsity'])}",
         f"realised on calibration text: prompt {cal['prompt']['mean']}, decode {cal['decode']['mean']}",
         f"realised on held-out text:    prompt {ev['prompt']['mean']}, decode {ev['decode']['mean']}",
+        "realised on held-out prompts of " + ", ".join(
+            f"{L}: {r['held_out_prompt_sparsity']}" for L, r in config["realised_sparsity"].get("short_prompts", {}).items())
+        + " tokens (short-prompt thresholds)",
         "training loss (first -> last tenth): " + ", ".join(
             f"{k} {v['first']} -> {v['last']}" for k, v in config["training"]["loss"].items()),
         f"router kept: {selection['kept']} (search-text continuation KL: warm start "

@@ -77,8 +77,9 @@ class RoutedModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self.layers)
 
-    def new_router(self, min_prompt: int = R.MIN_ROUTED_PROMPT) -> R.Router:
-        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim, min_prompt=min_prompt)
+    def new_router(self, min_prompt: int = R.MIN_ROUTED_PROMPT, short_lengths=(), threshold_length: int = 0) -> R.Router:
+        return R.Router(self.num_blocks, self.num_kv_heads, self.head_dim, min_prompt=min_prompt,
+                        short_lengths=short_lengths, threshold_length=threshold_length)
 
     def qkv(self, block: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-rotary q [T, H, d], k and v [T, KV, d] of hidden states h at `block`."""
@@ -182,7 +183,13 @@ class RoutedModel(nn.Module):
             p, d = tok.is_prompt, ~tok.is_prompt
             prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
             forced = router.always_keep(tok.positions, tok.prompt_lens)
-            router.threshold_prompt[b] = R.calibrate_threshold(logits[p], prompt_target, forced[p])
+            if p.any():
+                lengths = tok.prompt_lens[p].unique().tolist()
+                if router.short_lengths and len(lengths) > 1:
+                    raise ValueError(f"calibrate one prompt length at a time for a router with short-prompt "
+                                     f"thresholds (got {lengths})")
+                value = R.calibrate_threshold(logits[p], prompt_target, forced[p])
+                router.set_prompt_threshold(b, max(lengths), value)
             if d.any():
                 router.threshold_decode[b] = R.calibrate_threshold(logits[d], decode_target, forced[d])
         elif mode not in ("threshold", "topk"):
@@ -245,6 +252,35 @@ def calibrate_router_thresholds(
     """Set prompt (and, with continuations, decode) thresholds block by block on the routed pass
     itself, so each block's realised sparsity on this text equals its target."""
     return model(input_ids, cu_seqlens, prompt_lens, router=router, mode="calibrate", logits_at=logits_at)
+
+
+@torch.no_grad()
+def calibrate_short_thresholds(model: RoutedModel, router: R.Router, prompts: Tensor) -> dict[int, int]:
+    """Fill `router.threshold_short`: for each short length L, the calibration prompts [N, n]
+    cut into windows of L tokens are routed as prompts and each block's threshold set on them,
+    block by block, as `calibrate_router_thresholds` does for full-length prompts.  Returns the
+    number of windows per length."""
+    windows = {}
+    for L in router.short_lengths:
+        cut = prompts[:, : prompts.shape[1] // L * L].reshape(-1, L)
+        if not len(cut):
+            raise ValueError(f"calibration prompts of {prompts.shape[1]} tokens are shorter than {L}")
+        cu = torch.arange(len(cut) + 1, device=cut.device) * L
+        calibrate_router_thresholds(model, router, cut.reshape(-1), cu, torch.full((len(cut),), L, device=cut.device),
+                                    logits_at=cut.new_zeros(0))
+        windows[L] = len(cut)
+    return windows
+
+
+def short_prompt_lengths(min_prompt: int, threshold_length: int) -> list[int]:
+    """Prompt lengths to calibrate short-prompt thresholds at: from `min_prompt` up in steps of
+    at most a quarter (multiples of 16 from 64 tokens on), below `threshold_length`."""
+    lengths, n = [], max(1, min_prompt)
+    while n < threshold_length:
+        lengths.append(n)
+        step = n // 4
+        n += max(1, step // 16 * 16 if n >= 64 else step)
+    return lengths
 
 
 @torch.no_grad()

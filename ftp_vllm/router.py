@@ -57,6 +57,12 @@ threshold_prompt[b], a decode token where logit > threshold_decode[b]; both
 thresholds live in logit space (p > t on the probability is logit > logit(t);
 the paper's p > 0.5 is a threshold of 0) and are calibrated per block so the
 realised sparsity on calibration text equals the target (`calibrate_threshold`).
+threshold_prompt[b] is calibrated on prompts of `threshold_length` tokens (the
+training context); a prompt of L < threshold_length tokens uses the threshold
+calibrated on prompts of the largest of `short_lengths` <= L (`threshold_short`,
+where a router has them), because one threshold fitted on long prompts skips
+measurably less than the target on short ones.  L is known from a request's
+first step, so this is split-independent too.
 Position 0 and the prompt's last token (it produces the first output) are
 always kept, and so is every token of a prompt shorter than the router's
 `min_prompt` (64 by default, recorded in the checkpoint): routing one saves
@@ -244,10 +250,17 @@ class Router(nn.Module):
     """
 
     def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, hidden: int = HIDDEN,
-                 min_prompt: int = MIN_ROUTED_PROMPT):
+                 min_prompt: int = MIN_ROUTED_PROMPT, short_lengths: Sequence[int] = (),
+                 threshold_length: int = 0):
         super().__init__()
         self.mlp = RouterMLP(hidden)
         self.min_prompt = min_prompt
+        self.short_lengths = [int(n) for n in short_lengths]
+        self.threshold_length = int(threshold_length)
+        if self.short_lengths and (sorted(set(self.short_lengths)) != self.short_lengths
+                                   or self.short_lengths[-1] >= self.threshold_length):
+            raise ValueError(f"short prompt lengths {self.short_lengths} must rise and stay below the threshold "
+                             f"length {self.threshold_length}")
         self.register_buffer("mean_query", torch.zeros(num_blocks, num_kv_heads, head_dim))
         self.register_buffer("feature_mean", torch.zeros(num_blocks, NUM_FEATURES))
         self.register_buffer("feature_std", torch.ones(num_blocks, NUM_FEATURES))
@@ -255,6 +268,8 @@ class Router(nn.Module):
         self.register_buffer("decode_sparsity", torch.zeros(num_blocks))
         self.register_buffer("threshold_prompt", torch.zeros(num_blocks))
         self.register_buffer("threshold_decode", torch.zeros(num_blocks))
+        self.register_buffer("threshold_short", torch.zeros(num_blocks, len(self.short_lengths)))
+        self.register_buffer("short_bounds", torch.tensor(self.short_lengths, dtype=torch.long), persistent=False)
         self._targets = [(0.0, 0.0)] * num_blocks  # host copy of the targets: no device sync per step
 
     @property
@@ -328,6 +343,35 @@ class Router(nn.Module):
         short = (prompt_lens < self.min_prompt) & (positions < prompt_lens)
         return always_keep_mask(positions, prompt_lens) | short
 
+    def short_column(self, prompt_lens: Tensor) -> Tensor:
+        """Per token, the column of `threshold_short` its prompt length falls in (the largest
+        short length <= L), or -1 where `threshold_prompt` applies (L >= threshold_length, or
+        below every short length: such prompts are shorter than min_prompt and kept whole)."""
+        if not self.short_lengths:
+            return torch.full_like(prompt_lens, -1)
+        col = torch.bucketize(prompt_lens, self.short_bounds.to(prompt_lens.dtype), right=True) - 1
+        return torch.where(prompt_lens < self.threshold_length, col, -1)
+
+    def prompt_threshold(self, block: int, prompt_lens: Tensor) -> Tensor:
+        """Prompt threshold per token: the one calibrated for its prompt's length band.  A short
+        prompt's always-kept tokens weigh more and its features spread differently, so one
+        threshold would skip less than the target there."""
+        if not self.short_lengths:
+            return self.threshold_prompt[block]
+        col = self.short_column(prompt_lens)
+        return torch.where(col >= 0, self.threshold_short[block][col.clamp_min(0)], self.threshold_prompt[block])
+
+    def set_prompt_threshold(self, block: int, prompt_len: int, value: float) -> None:
+        """Store a prompt threshold calibrated on prompts of `prompt_len` tokens: in its short
+        column when there is one for exactly that length, else as `threshold_prompt`."""
+        if prompt_len in self.short_lengths:
+            self.threshold_short[block, self.short_lengths.index(prompt_len)] = value
+        elif prompt_len >= self.threshold_length:
+            self.threshold_prompt[block] = value
+        else:
+            raise ValueError(f"no threshold for {prompt_len}-token prompts: short lengths {self.short_lengths}, "
+                             f"threshold length {self.threshold_length}")
+
     def keep(self, block: int, logits: Tensor, positions: Tensor, prompt_lens: Tensor) -> Tensor:
         """Serving keep rule at `block`; `prompt_lens` is per token.  A kind of token (prompt or
         decode) whose target is 0 is always kept, calibrated or not."""
@@ -337,7 +381,7 @@ class Router(nn.Module):
             logits,
             positions < prompt_lens,
             self.always_keep(positions, prompt_lens),
-            self.threshold_prompt[block] if prompt_target else inf,
+            self.prompt_threshold(block, prompt_lens) if prompt_target else inf,
             self.threshold_decode[block] if decode_target else inf,
         )
 

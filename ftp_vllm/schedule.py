@@ -61,6 +61,10 @@ class ContinuationBatch:
         ids = chunks.reshape(-1)
         return cls(ids, starts.new_tensor([*starts.tolist(), n * length]), torch.full((n,), context), scored, ids[scored + 1])
 
+    def prompts(self) -> Tensor:
+        """The prompt parts [N, context] of the chunks."""
+        return self.input_ids.view(len(self.prompt_lens), -1)[:, : int(self.prompt_lens[0])]
+
 
 @torch.no_grad()
 def continuation_logprobs(model: RoutedModel, batch: ContinuationBatch, **routing) -> Tensor:

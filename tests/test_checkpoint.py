@@ -9,6 +9,8 @@ from ftp_vllm.checkpoint import (
     save_checkpoint,
 )
 
+from ftp_vllm.router import Router
+
 from .conftest import calibrated_router
 
 
@@ -122,3 +124,30 @@ def test_shipped_routers_load_and_declare_what_they_realise(name):
     folder = model_dir(config["base_model"]["name"])
     if folder.is_dir():
         check_compatible(config, folder)
+
+
+def test_short_prompt_thresholds_round_trip_and_older_checkpoints_load(saved, tiny_llama, tmp_path):
+    folder, router = saved
+    short = Router(router.num_blocks, router.mean_query.shape[1], router.mean_query.shape[2], min_prompt=0,
+                   short_lengths=[8, 16], threshold_length=40)
+    state = router.state_dict()
+    state["threshold_short"] = torch.tensor([[0.5, 1.5]] * router.num_blocks)
+    short.load_state_dict(state)
+    loaded, config = load_checkpoint(save_checkpoint(tmp_path / "short", short, {"base_model": fingerprint(tiny_llama)}))
+    assert loaded.short_lengths == [8, 16] and loaded.threshold_length == 40
+    assert torch.equal(loaded.threshold_short, short.threshold_short)
+    assert config["router"]["short_prompt_lengths"] == [8, 16] and config["schedule"]["threshold_short"][1] == [0.5, 1.5]
+    # a checkpoint written before short-prompt thresholds existed: no such tensor or fields
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / ROUTER_FILE))
+    del state["threshold_short"]
+    save_file(state, str(folder / ROUTER_FILE))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    del config["router"]["short_prompt_lengths"], config["router"]["threshold_length"]
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    old, _ = load_checkpoint(folder)
+    assert old.short_lengths == [] and torch.equal(old.threshold_prompt, router.threshold_prompt)
+    edit_config(folder, router={**config["router"], "short_prompt_lengths": [16, 8], "threshold_length": 40})
+    with pytest.raises(CheckpointError, match="must rise"):
+        load_checkpoint(folder)

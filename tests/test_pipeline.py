@@ -1,3 +1,5 @@
+import torch
+
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint
 from ftp_vllm.cli import main
 
@@ -23,6 +25,30 @@ def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert selection["kept"] in ("trained", "warm start") and set(selection["search_text_continuation_kl"]) == {"warm start", "trained"}
     cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
     assert abs(cal["prompt"]["mean"] - 0.3) < 0.05 and abs(cal["decode"]["mean"] - 0.15) < 0.1
+    assert router.short_lengths and router.threshold_length == 24
+    assert list(config["realised_sparsity"]["short_prompts"]) == [str(n) for n in router.short_lengths]
+
+
+def test_calibrate_short_prompts_cli_upgrades_an_older_checkpoint(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "router"
+    assert main(["train", "--model", tiny_llama, "--sparsity", "0.3", "--decode-sparsity", "0", "--out", str(out),
+                 *TINY_SETTINGS]) == 0
+    trained, _ = load_checkpoint(out)
+    # as written before short-prompt thresholds existed
+    from ftp_vllm.router import Router
+    from .conftest import save_changed_router
+
+    old = Router(trained.num_blocks, trained.mean_query.shape[1], trained.mean_query.shape[2], min_prompt=0)
+    old.load_state_dict({k: v for k, v in trained.state_dict().items() if k != "threshold_short"}, strict=False)
+    save_changed_router(old, load_checkpoint(out)[1], tmp_path / "old")
+    capsys.readouterr()
+    assert main(["calibrate-short-prompts", str(tmp_path / "old"), "--out", str(tmp_path / "new")]) == 0
+    assert "tokens:" in capsys.readouterr().out
+    new, config = load_checkpoint(tmp_path / "new")
+    assert new.short_lengths == trained.short_lengths
+    torch.testing.assert_close(new.threshold_short, trained.threshold_short)  # the same calibration as training's
+    assert torch.equal(new.threshold_prompt, trained.threshold_prompt)
+    assert config["training"]["short_thresholds_command"].startswith("ftp-vllm calibrate-short-prompts")
 
 
 def test_train_cli_reports_bad_model(tmp_path, capsys):

@@ -154,3 +154,26 @@ def test_change_oracle(tiny):
     recent = tiny(ids, cu, prompt, keep=change_selector(schedule, recency=1e3))
     assert torch.equal(recent.keep, static)
     assert torch.allclose(recent.logits, tiny(ids, cu, prompt, keep=static).logits)
+
+
+def test_short_prompt_thresholds_hit_the_target_at_each_length(tiny):
+    from ftp_vllm.evaluation import SkipCounter
+    from ftp_vllm.reference import calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds
+
+    schedule = [0.0, 0.5, 0.3, 0.0]
+    router = tiny.new_router(min_prompt=0, short_lengths=[8, 16], threshold_length=32)
+    router.set_schedule(schedule, [0.0] * 4)
+    ids, _ = packed_batch([32] * 6)
+    prompts = ids.view(6, 32)
+    cu = torch.arange(7) * 32
+    calibrate_router_inputs(tiny, router, ids, cu)
+    calibrate_router_thresholds(tiny, router, ids, cu, torch.full((6,), 32))
+    long_thresholds = router.threshold_prompt.clone()
+    assert calibrate_short_thresholds(tiny, router, prompts) == {8: 24, 16: 12}
+    assert torch.equal(router.threshold_prompt, long_thresholds)
+    for L in (8, 16):
+        cut = prompts.reshape(-1, L)
+        keep = tiny(cut.reshape(-1), torch.arange(len(cut) + 1) * L, torch.full((len(cut),), L), router=router).keep
+        skipped = SkipCounter.of(keep, torch.ones(keep.shape[1], dtype=torch.bool)).per_block["prompt"]
+        for b, s in enumerate(schedule):  # calibrate_threshold skips round(s n) of the n tokens it saw
+            assert skipped[b] == round(s * keep.shape[1]), (L, b)

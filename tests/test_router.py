@@ -194,3 +194,24 @@ def test_prompts_shorter_than_min_prompt_are_kept_whole():
     keep = router.keep(1, torch.zeros(136), positions, prompt_lens)
     assert keep[:63].all() and not keep[63:66].any()
     assert keep[66] and not keep[67:135].any() and keep[135]
+
+
+def test_short_prompt_thresholds_follow_the_prompt_length():
+    router = R.Router(2, 1, 4, min_prompt=0, short_lengths=[8, 12], threshold_length=16)
+    router.set_schedule([0.5, 0.5], [0.0, 0.0])
+    router.threshold_prompt.fill_(5.0)
+    router.set_prompt_threshold(1, 8, 1.0)
+    router.set_prompt_threshold(1, 12, 2.0)
+    lens = torch.tensor([4, 8, 11, 12, 15, 16, 40])
+    assert router.prompt_threshold(1, lens).tolist() == [5.0, 1.0, 1.0, 2.0, 2.0, 5.0, 5.0]
+    assert router.prompt_threshold(0, lens).tolist() == [5.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0]  # its own columns
+    # a token at a free position with logit 1.5 is kept only where its prompt's threshold is 1
+    positions = torch.full_like(lens, 2)
+    assert router.keep(1, torch.full((7,), 1.5), positions, lens).tolist() == [False, True, True, False, False, False, False]
+    router.set_prompt_threshold(1, 20, 7.0)
+    assert router.threshold_prompt[1] == 7.0
+    with pytest.raises(ValueError, match="no threshold for 10-token prompts"):
+        router.set_prompt_threshold(1, 10, 0.0)
+    for lengths in ([12, 8], [8, 16]):
+        with pytest.raises(ValueError, match="must rise"):
+            R.Router(2, 1, 4, short_lengths=lengths, threshold_length=16)

@@ -17,15 +17,19 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny_router(tiny_llama, tmp_path_factory):
-    """A router for the tiny Llama: untrained MLP, calibrated on real text."""
+    """A router for the tiny Llama: untrained MLP, calibrated on real text; it routes prompts of
+    any length, with thresholds of its own for prompts of 32-47 tokens (the 40-token prompt
+    below uses them)."""
     from transformers import AutoTokenizer
 
     from ftp_vllm.checkpoint import fingerprint, save_checkpoint
-    from ftp_vllm.reference import RoutedModel, calibrate_router_inputs, calibrate_router_thresholds
+    from ftp_vllm.reference import (
+        RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds,
+    )
 
     torch.manual_seed(0)
     model = RoutedModel.from_pretrained(tiny_llama)
-    router = model.new_router()
+    router = model.new_router(min_prompt=0, short_lengths=[32], threshold_length=48)
     router.set_schedule(SCHEDULE, DECODE_SCHEDULE)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     chunks = [tok(t)["input_ids"][:64] for t in real_prompts(8, words=80)]
@@ -34,6 +38,8 @@ def tiny_router(tiny_llama, tmp_path_factory):
     prompt_lens = torch.tensor([48] * len(chunks))
     calibrate_router_inputs(model, router, ids, cu)
     calibrate_router_thresholds(model, router, ids, cu, prompt_lens)
+    calibrate_short_thresholds(model, router, torch.stack([torch.tensor(c[:48]) for c in chunks]))
+    assert not torch.equal(router.threshold_short[1:3, 0], router.threshold_prompt[1:3])
     folder = save_checkpoint(tmp_path_factory.mktemp("router"), router, {"base_model": fingerprint(tiny_llama)})
     return model, router, str(folder), tok
 
@@ -87,6 +93,11 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
         assert torch.equal(got[routed], ref_keep[routed].long()), f"prompt {i}: keep masks differ"
         assert not ref_keep[routed].all() and ref_keep[routed].any(), "the router should keep some and skip some"
         assert generated == ref_greedy, f"prompt {i}: greedy tokens differ from the reference"
+        if len(prompt) < router.threshold_length:  # routed by its short-prompt thresholds, which decide otherwise
+            short = router.threshold_short.clone()
+            router.threshold_short.copy_(router.threshold_prompt[:, None])
+            assert not torch.equal(reference_masks(model, router, prompt, generated)[0][routed], ref_keep[routed])
+            router.threshold_short.copy_(short)
         # the same with chunked prefill
         assert chunked["tokens"][i] == generated
         got = vllm_masks(chunked["traces"][i], router.num_blocks, length)
@@ -169,8 +180,8 @@ def test_fast_path_equals_simple_path_real_model(real_model, tmp_path):
 
 def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     """vLLM's default compiled mode: same decisions and greedy tokens as eager (float32).
-    Decode tokens are kept (as by the shipped routers) and prompts routed (the tiny
-    router's decode thresholds; its calibration prompts were too short to route), so
+    Decode tokens are kept (as by the shipped routers) and prompts routed (by the tiny
+    router's decode thresholds, and its short-prompt ones for the 40-token prompt), so
     decode steps run the stock graph (stock blocks that record scores) and prompt steps
     vLLM's graph with the routed blocks as an opaque op."""
     from ftp_vllm.checkpoint import load_checkpoint
