@@ -70,7 +70,7 @@ from ftp_vllm.reference import RoutedModel, shortgpt_blocks
 from ftp_vllm.texts import document_chunks, documents, file_documents
 
 METHODS = ("dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random")
-SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 30, 40)]
+SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 22, 30, 40)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -121,6 +121,11 @@ def test_shipped_routers_load_and_declare_what_they_realise(name):
     realised = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
     assert abs(realised["prompt"]["mean"] - config["target_sparsity"]) < 0.01
     assert config["training"]["command"].startswith("ftp-vllm train") and config["training"]["wall_time_s"] > 0
+    # prompts shorter than the training context: thresholds of their own, on target on held-out prompts
+    assert router.short_lengths and router.short_lengths[0] == router.min_prompt
+    short = config["realised_sparsity"]["short_prompts"]
+    assert [int(n) for n in short] == router.short_lengths
+    assert all(abs(r["held_out_prompt_sparsity"] - config["target_sparsity"]) < 0.01 for r in short.values())
     folder = model_dir(config["base_model"]["name"])
     if folder.is_dir():
         check_compatible(config, folder)
