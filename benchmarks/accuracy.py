@@ -35,8 +35,10 @@ decode sparsity is 0 and its overall share is below s.  Random token choice
 uses the router's own prompt and decode schedules (seeded).
 
 Speed: this runs on a few CPU cores (one SmolLM2-135M forward runs about
-300-400 tokens/s on two).  13 configurations x 1000 items must fit well
-under an hour, so (1) each cloze context runs once and its four candidates
+300-400 tokens/s on two).  A configuration (a method at one sparsity) takes
+about 5 minutes for 1000 items on two cores, so a full run of every method at
+every shipped router takes well over an hour; `--methods` and `--routers`
+subset it.  To get there, (1) each cloze context runs once and its four candidates
 branch off it (`branch_logprobs`: identical to one pass per candidate), (2)
 contexts are the last 64 tokens before the true sentence (the routers serve
 shorter prompts dense) and candidates the first 12 tokens of each sentence
