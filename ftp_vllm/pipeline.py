@@ -36,8 +36,8 @@ from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .evaluation import SkipCounter, is_prompt
 from .model_store import resolve_model
 from .reference import (
-    RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds, short_prompt_lengths,
-    static_keep,
+    RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds, prompt_windows,
+    short_prompt_lengths, static_keep,
 )
 from .schedule import (
     ContinuationBatch, continuation_logprobs, genetic_search, kl_and_nll, router_fitness, scaled_schedule,
@@ -168,7 +168,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         "realised_sparsity": {
             "calibration_text (thresholds fitted here)": SkipCounter.of(calib_out.keep, is_prompt_cal).report(),
             "evaluation_text (held out)": SkipCounter.of(eval_keep, is_prompt(eval_text.cu_seqlens, eval_text.prompt_lens)).report(),
-            "short_prompts": short_prompt_report(model, router, calib_text, eval_text, short_windows),
+            "short_prompts": short_prompt_report(model, router, eval_text, short_windows),
         },
         "quality": quality,
         "search": {
@@ -227,14 +227,13 @@ def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict
 
 
 @torch.no_grad()
-def short_prompt_report(model: RoutedModel, router, calib_text: ContinuationBatch, eval_text: ContinuationBatch,
-                        windows: dict[int, int]) -> dict:
+def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch, windows: dict[int, int]) -> dict:
     """Per short prompt length: the calibration windows its thresholds were fitted on, and the
     prompt sparsity realised on held-out prompts of that length (windows of the evaluation text)."""
     report = {}
     prompts = eval_text.prompts()
     for L in router.short_lengths:
-        cut = prompts[:, : prompts.shape[1] // L * L].reshape(-1, L)
+        cut = prompt_windows(prompts, L)
         cu = torch.arange(len(cut) + 1) * L
         keep = model(cut.reshape(-1), cu, torch.full((len(cut),), L), router=router, logits_at=cut.new_zeros(0)).keep
         report[str(L)] = {"calibration_windows": windows[L], "held_out_windows": len(cut),
@@ -267,7 +266,7 @@ def add_short_thresholds(folder: str | Path, out: str | Path | None = None, comm
     router.load_state_dict(state)
     windows = calibrate_short_thresholds(model, router, calib_text.prompts())
     config = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule")}
-    config["realised_sparsity"]["short_prompts"] = short_prompt_report(model, router, calib_text, eval_text, windows)
+    config["realised_sparsity"]["short_prompts"] = short_prompt_report(model, router, eval_text, windows)
     config["training"]["short_thresholds_command"] = command
     target = Path(out) if out is not None else resolve_router(folder)
     save_checkpoint(target, router, config)

@@ -262,7 +262,7 @@ def calibrate_short_thresholds(model: RoutedModel, router: R.Router, prompts: Te
     number of windows per length."""
     windows = {}
     for L in router.short_lengths:
-        cut = prompts[:, : prompts.shape[1] // L * L].reshape(-1, L)
+        cut = prompt_windows(prompts, L)
         if not len(cut):
             raise ValueError(f"calibration prompts of {prompts.shape[1]} tokens are shorter than {L}")
         cu = torch.arange(len(cut) + 1, device=cut.device) * L
@@ -270,6 +270,11 @@ def calibrate_short_thresholds(model: RoutedModel, router: R.Router, prompts: Te
                                     logits_at=cut.new_zeros(0))
         windows[L] = len(cut)
     return windows
+
+
+def prompt_windows(prompts: Tensor, length: int) -> Tensor:
+    """Prompts [N, n] cut into [N * (n // length), length] consecutive windows (the rest dropped)."""
+    return prompts[:, : prompts.shape[1] // length * length].reshape(-1, length)
 
 
 def short_prompt_lengths(min_prompt: int, threshold_length: int) -> list[int]:
