@@ -41,6 +41,8 @@ def router_description() -> dict:
         "decode_target_sparsity": config.get("decode_target_sparsity"),
         "prompt_sparsity_per_block": schedule.get("prompt_sparsity"),
         "decode_sparsity_per_block": schedule.get("decode_sparsity"),
+        "min_prompt": config.get("router", {}).get("min_prompt"),  # shorter prompts are served dense
+        "short_prompt_lengths": config.get("router", {}).get("short_prompt_lengths", []),
     }
 
 

@@ -157,6 +157,7 @@ def test_ftp_endpoints_and_metrics(server):
     router = server["http"].get(f"{base}/ftp/router", timeout=10).json()
     assert router["router"] == SHIPPED_ROUTER and router["base_model"]["num_layers"] == 30
     assert len(router["prompt_sparsity_per_block"]) == 30
+    assert router["min_prompt"] == 64 and router["short_prompt_lengths"][0] == 64
     assert "/" not in json.dumps(router), "no file paths in the router description"
     stats = server["http"].get(f"{base}/ftp/stats", timeout=10).json()
     assert stats["prompt_tokens"] > 0 and len(stats["per_block"]) == 30
