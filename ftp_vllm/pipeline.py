@@ -85,6 +85,11 @@ def calibration_split(tokenizer, s: TrainSettings) -> tuple[ContinuationBatch, C
     return search, calib, cal[s.search_chunks + s.calib_chunks:]
 
 
+def evaluation_split(tokenizer, s: TrainSettings) -> ContinuationBatch:
+    """The held-out chunks training reports its quality and realised sparsity on."""
+    return ContinuationBatch.of(token_chunks(tokenizer, "evaluation", s.chunk_len, s.eval_chunks, s.seed), s.context)
+
+
 def _stage(log: dict, name: str, start: float) -> float:
     now = time.perf_counter()
     log[name] = round(now - start, 1)
@@ -108,7 +113,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     tokenizer = AutoTokenizer.from_pretrained(folder)
     B = model.num_blocks
     search_text, calib_text, train_text = calibration_split(tokenizer, s)
-    eval_text = ContinuationBatch.of(token_chunks(tokenizer, "evaluation", s.chunk_len, s.eval_chunks, s.seed), s.context)
+    eval_text = evaluation_split(tokenizer, s)
     decode_of = (lambda sched: list(sched)) if s.decode_sparsity is None else (lambda sched: scaled_schedule(sched, s.decode_sparsity))
     search_args = dict(upper=s.upper, step=s.step, population=s.population, seed=s.seed, progress=s.progress)
     start = _stage(stages, "load", start)
@@ -233,10 +238,9 @@ def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch
     report = {}
     prompts = eval_text.prompts()
     for L in router.short_lengths:
-        cut = prompt_windows(prompts, L)
-        cu = torch.arange(len(cut) + 1) * L
-        keep = model(cut.reshape(-1), cu, torch.full((len(cut),), L), router=router, logits_at=cut.new_zeros(0)).keep
-        report[str(L)] = {"calibration_windows": windows[L], "held_out_windows": len(cut),
+        ids, cu, prompt_lens = prompt_windows(prompts, L)
+        keep = model(ids, cu, prompt_lens, router=router, logits_at=ids.new_zeros(0)).keep
+        report[str(L)] = {"calibration_windows": windows[L], "held_out_windows": len(prompt_lens),
                           "held_out_prompt_sparsity": round(SkipCounter.of(keep, torch.ones(keep.shape[1], dtype=torch.bool)).share("prompt"), 4)}
     return report
 
@@ -256,8 +260,7 @@ def add_short_thresholds(folder: str | Path, out: str | Path | None = None, comm
     model = RoutedModel.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     _, calib_text, _ = calibration_split(tokenizer, settings)
-    eval_text = ContinuationBatch.of(token_chunks(tokenizer, "evaluation", settings.chunk_len, settings.eval_chunks,
-                                                  settings.seed), settings.context)
+    eval_text = evaluation_split(tokenizer, settings)
     router = model.new_router(min_prompt=old.min_prompt,
                               short_lengths=short_prompt_lengths(old.min_prompt, settings.context),
                               threshold_length=settings.context)

@@ -262,19 +262,20 @@ def calibrate_short_thresholds(model: RoutedModel, router: R.Router, prompts: Te
     number of windows per length."""
     windows = {}
     for L in router.short_lengths:
-        cut = prompt_windows(prompts, L)
-        if not len(cut):
+        ids, cu, prompt_lens = prompt_windows(prompts, L)
+        if not len(prompt_lens):
             raise ValueError(f"calibration prompts of {prompts.shape[1]} tokens are shorter than {L}")
-        cu = torch.arange(len(cut) + 1, device=cut.device) * L
-        calibrate_router_thresholds(model, router, cut.reshape(-1), cu, torch.full((len(cut),), L, device=cut.device),
-                                    logits_at=cut.new_zeros(0))
-        windows[L] = len(cut)
+        calibrate_router_thresholds(model, router, ids, cu, prompt_lens, logits_at=ids.new_zeros(0))
+        windows[L] = len(prompt_lens)
     return windows
 
 
-def prompt_windows(prompts: Tensor, length: int) -> Tensor:
-    """Prompts [N, n] cut into [N * (n // length), length] consecutive windows (the rest dropped)."""
-    return prompts[:, : prompts.shape[1] // length * length].reshape(-1, length)
+def prompt_windows(prompts: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompts [N, n] cut into N * (n // length) consecutive windows of `length` tokens (the rest
+    dropped), packed as requests that are all prompt: (input_ids, cu_seqlens, prompt_lens)."""
+    cut = prompts[:, : prompts.shape[1] // length * length].reshape(-1, length)
+    cu = torch.arange(len(cut) + 1, device=cut.device) * length
+    return cut.reshape(-1), cu, torch.full((len(cut),), length, device=cut.device)
 
 
 def short_prompt_lengths(min_prompt: int, threshold_length: int) -> list[int]:

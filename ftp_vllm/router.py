@@ -343,23 +343,17 @@ class Router(nn.Module):
         short = (prompt_lens < self.min_prompt) & (positions < prompt_lens)
         return always_keep_mask(positions, prompt_lens) | short
 
-    def short_column(self, prompt_lens: Tensor) -> Tensor:
-        """Per token, the column of `threshold_short` its prompt length falls in (the largest
-        short length <= L), or -1 where `threshold_prompt` applies (L >= threshold_length, or
-        below every short length: such prompts are shorter than min_prompt and kept whole)."""
-        if not self.short_lengths:
-            return torch.full_like(prompt_lens, -1)
-        col = torch.bucketize(prompt_lens, self.short_bounds.to(prompt_lens.dtype), right=True) - 1
-        return torch.where(prompt_lens < self.threshold_length, col, -1)
-
     def prompt_threshold(self, block: int, prompt_lens: Tensor) -> Tensor:
-        """Prompt threshold per token: the one calibrated for its prompt's length band.  A short
+        """Prompt threshold per token: the one calibrated for its prompt's length band (the
+        largest short length <= L), or `threshold_prompt` for L >= threshold_length and below
+        every short length (such prompts are shorter than min_prompt and kept whole).  A short
         prompt's always-kept tokens weigh more and its features spread differently, so one
         threshold would skip less than the target there."""
         if not self.short_lengths:
             return self.threshold_prompt[block]
-        col = self.short_column(prompt_lens)
-        return torch.where(col >= 0, self.threshold_short[block][col.clamp_min(0)], self.threshold_prompt[block])
+        col = torch.bucketize(prompt_lens, self.short_bounds.to(prompt_lens.dtype), right=True) - 1
+        short = (col >= 0) & (prompt_lens < self.threshold_length)
+        return torch.where(short, self.threshold_short[block][col.clamp_min(0)], self.threshold_prompt[block])
 
     def set_prompt_threshold(self, block: int, prompt_len: int, value: float) -> None:
         """Store a prompt threshold calibrated on prompts of `prompt_len` tokens: in its short
