@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from .evaluation import SkipCounter, is_prompt
 from .model_store import resolve_model
 from .reference import (
@@ -253,8 +253,12 @@ def add_short_thresholds(folder: str | Path, out: str | Path | None = None, comm
     from .checkpoint import check_compatible, resolve_router
 
     old, config = load_checkpoint(folder)
-    settings = TrainSettings(**{k: v for k, v in config["training"]["settings"].items()
-                                if k in TrainSettings.__dataclass_fields__})
+    try:  # the calibration text is rebuilt from the settings training recorded
+        settings = TrainSettings(**{k: v for k, v in config["training"]["settings"].items()
+                                    if k in TrainSettings.__dataclass_fields__})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{folder}: no usable training settings in its config ({e!r}); short-prompt "
+                              "thresholds are calibrated on the text its training used") from None
     model_folder = resolve_model(settings.model)
     check_compatible(config, model_folder)
     model = RoutedModel.from_pretrained(model_folder)

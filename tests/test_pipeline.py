@@ -49,6 +49,10 @@ def test_calibrate_short_prompts_cli_upgrades_an_older_checkpoint(tiny_llama, tm
     torch.testing.assert_close(new.threshold_short, trained.threshold_short)  # the same calibration as training's
     assert torch.equal(new.threshold_prompt, trained.threshold_prompt)
     assert config["training"]["short_thresholds_command"].startswith("ftp-vllm calibrate-short-prompts")
+    # a checkpoint that does not record its training settings: a clear error, nothing written
+    save_changed_router(old, {k: v for k, v in config.items() if k != "training"}, tmp_path / "untrained")
+    assert main(["calibrate-short-prompts", str(tmp_path / "untrained"), "--out", str(tmp_path / "none")]) == 2
+    assert "no usable training settings" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_train_cli_reports_bad_model(tmp_path, capsys):
