@@ -59,6 +59,14 @@ class Method:
             return {"keep": self.keep_rule(cu_seqlens, prompt_lens)}
         return {}
 
+    def routed_prompt(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
+        """[T] bool: prompt tokens of the prompts this method routes (a router serves a prompt
+        shorter than its `min_prompt` dense; a checkpoint's targets are about the rest)."""
+        prompt = is_prompt(cu_seqlens, prompt_lens)
+        if self.router is None:
+            return prompt
+        return prompt & (prompt_lens >= self.router.min_prompt)[request_ids(cu_seqlens)]
+
 
 def is_prompt(cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
     return local_index(cu_seqlens) < prompt_lens[request_ids(cu_seqlens)]
@@ -127,11 +135,13 @@ def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list
 # ---- realised sparsity -------------------------------------------------------------
 
 KINDS = ("prompt", "decode")
+ROUTED = "routed prompt"  # a subset of "prompt": tokens of prompts the method routes
 
 
 @dataclass
 class SkipCounter:
-    """Token-block computations skipped and run, per block, for prompt and decode tokens."""
+    """Token-block computations skipped and run, per block, for prompt and decode tokens (and,
+    when `add` is told, for the prompt tokens of routed prompts apart)."""
 
     per_block: dict = field(default_factory=dict)  # kind -> [B] tokens each block skipped
     tokens: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # kind -> tokens run
@@ -142,9 +152,13 @@ class SkipCounter:
         counter.add(keep, prompt)
         return counter
 
-    def add(self, keep: Tensor, prompt: Tensor) -> None:
-        """keep [B, T] bool; prompt [T] bool."""
-        for kind, mask in zip(KINDS, (prompt, ~prompt)):
+    def add(self, keep: Tensor, prompt: Tensor, routed: Tensor | None = None) -> None:
+        """keep [B, T] bool; prompt [T] bool; routed [T] bool, the prompt tokens of routed prompts."""
+        kinds, masks = KINDS, (prompt, ~prompt)
+        if routed is not None:
+            kinds, masks = kinds + (ROUTED,), masks + (routed,)
+        for kind, mask in zip(kinds, masks):
+            self.tokens.setdefault(kind, 0)
             skipped = (~keep[:, mask]).sum(-1).tolist()
             self.tokens[kind] += int(mask.sum())
             self.per_block[kind] = [a + b for a, b in zip(self.per_block.get(kind, [0] * len(skipped)), skipped)]
@@ -152,8 +166,8 @@ class SkipCounter:
     def __add__(self, other: SkipCounter) -> SkipCounter:
         total = SkipCounter()
         for counter in (self, other):
-            for kind in KINDS:
-                total.tokens[kind] += counter.tokens[kind]
+            for kind in counter.tokens:
+                total.tokens[kind] = total.tokens.get(kind, 0) + counter.tokens[kind]
                 if kind in counter.per_block:
                     mine = total.per_block.get(kind, [0] * len(counter.per_block[kind]))
                     total.per_block[kind] = [a + b for a, b in zip(mine, counter.per_block[kind])]
@@ -161,12 +175,12 @@ class SkipCounter:
 
     @property
     def skipped(self) -> dict:
-        return {kind: sum(self.per_block.get(kind, [])) for kind in KINDS}
+        return {kind: sum(self.per_block.get(kind, [])) for kind in self.tokens}
 
     @property
     def total(self) -> dict:
         """Token-block computations run per kind: every block sees every token."""
-        return {kind: len(self.per_block.get(kind, [])) * self.tokens[kind] for kind in KINDS}
+        return {kind: len(self.per_block.get(kind, [])) * self.tokens[kind] for kind in self.tokens}
 
     def share(self, kind: str | None = None) -> float | None:
         """Share skipped of `kind`'s token-block computations; None: of all of them."""
@@ -209,7 +223,8 @@ def continuation_pass(model: RoutedModel, method: Method, chunks: Tensor, contex
     batch = ContinuationBatch.of(chunks, context)
     out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, **method.routing(batch.cu_seqlens, batch.prompt_lens))
     logprobs = F.log_softmax(out.logits.float(), -1)
-    counter.add(out.keep, is_prompt(batch.cu_seqlens, batch.prompt_lens))
+    counter.add(out.keep, is_prompt(batch.cu_seqlens, batch.prompt_lens),
+                method.routed_prompt(batch.cu_seqlens, batch.prompt_lens))
     cont = logprobs[batch.scored]
     reference = cont if dense is None else dense
     kl, nll = kl_and_nll(cont, reference, batch.targets)
@@ -356,7 +371,7 @@ def branch_logprobs(model: RoutedModel, method: Method, ctx_ids: Tensor, ctx_cu:
         h = torch.where(gate[:, None], h_full, h)
         keeps.append(gate)
     if counter is not None:
-        counter.add(out.keep, torch.ones(len(ctx_ids), dtype=torch.bool))
+        counter.add(out.keep, torch.ones(len(ctx_ids), dtype=torch.bool), method.routed_prompt(ctx_cu, ctx_len))
         counter.add(torch.stack(keeps), torch.zeros(T, dtype=torch.bool))
     inner = off < br_len[rid] - 1  # positions that predict a later token of their branch
     logprobs = F.log_softmax(model.hf.lm_head(model.hf.model.norm(h[inner])).float(), -1)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ftp_vllm import evaluation as E
+from ftp_vllm.router import Router
 from tests.conftest import ROOT, calibrated_router
 
 PROSE = [
@@ -77,6 +78,17 @@ def test_skip_counter_on_known_mask():
     assert c.share("decode") == 1 / 6 and c.share() == 4 / 12
     both = c + c
     assert both.total == {"prompt": 12, "decode": 12} and both.share() == c.share()
+    c.add(keep, prompt, routed=torch.tensor([0, 1, 1, 0], dtype=torch.bool))  # token 0's prompt ran dense
+    assert c.share(E.ROUTED) == 2 / 4 and c.share("prompt") == 6 / 12 and c.share() == 8 / 20
+    assert (c + c).total[E.ROUTED] == 8
+
+
+def test_routed_prompt_leaves_out_prompts_below_min_prompt():
+    router = Router(3, 1, 4, min_prompt=4)
+    cu, prompt_lens = torch.tensor([0, 5, 8, 14]), torch.tensor([3, 3, 5])  # 5 and 8 tokens in; 3 dense
+    routed = E.Method("ftp", router=router).routed_prompt(cu, prompt_lens)
+    assert routed.tolist() == [0] * 8 + [1] * 5 + [0]
+    assert E.Method("shortgpt").routed_prompt(cu, prompt_lens).tolist() == E.is_prompt(cu, prompt_lens).tolist()
 
 
 def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
@@ -148,7 +160,7 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     for r in rows:
         for key in ("method", "router", "sparsity", "ppl", "ppl_ratio", "top1_agreement", "kl", "cloze_acc",
                     "cloze_retention", "sparsity_prompt", "sparsity_decode", "full_seq_ppl", "cloze_ci95",
-                    "sparsity_continuation", "sparsity_cloze"):
+                    "sparsity_continuation", "sparsity_cloze", "sparsity_prompt_routed"):
             assert key in r, key
         assert isinstance(r["sparsity"], float) and r["cloze_items"] == 10
     dense, ftp = rows[0], rows[1]
@@ -156,6 +168,7 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     assert dense["ppl_ratio"] == 1.0 and dense["cloze_retention"] == 1.0 and dense["top1_agreement"] == 1.0
     assert dense["kl"] == pytest.approx(0.0, abs=1e-6)
     assert ftp["router"] == "tiny-s20" and ftp["sparsity_prompt"] > 0 and "sparsity_within_1pt" in ftp
+    assert ftp["sparsity_prompt_routed"] >= ftp["sparsity_prompt"]  # dense short prompts only dilute the share
     assert rows[2]["dropped_blocks"] and rows[2]["sparsity"] == pytest.approx(len(rows[2]["dropped_blocks"]) / 4)
     prompt_only = rows[3]  # the same kind of blocks, skipped by prompt tokens only, matched on the prompt share
     assert prompt_only["sparsity_decode"] == 0.0 and prompt_only["dropped_blocks"]
