@@ -214,8 +214,7 @@ def main(argv=None) -> int:
     keep_all = shortgpt = None
     if "ftp-keep-all" in args.methods:
         router, _ = load_checkpoint(resolve_router(args.routers[0]))
-        router.threshold_prompt.fill_(float("-inf"))
-        router.threshold_decode.fill_(float("-inf"))
+        router.keep_every_token()
         keep_all = save_checkpoint(work / "keep-all", router, {"base_model": fingerprint(folder)})
     if "shortgpt" in args.methods and args.routers:
         from ftp_vllm.evaluation import calibration_block_influence

@@ -366,6 +366,12 @@ class Router(nn.Module):
             raise ValueError(f"no threshold for {prompt_len}-token prompts: short lengths {self.short_lengths}, "
                              f"threshold length {self.threshold_length}")
 
+    def keep_every_token(self) -> None:
+        """Thresholds that no logit is below, the short-prompt ones included: the router still
+        decides at every block of its schedule but keeps every token (the cost of routing alone)."""
+        for threshold in (self.threshold_prompt, self.threshold_short, self.threshold_decode):
+            threshold.fill_(float("-inf"))
+
     def keep(self, block: int, logits: Tensor, positions: Tensor, prompt_lens: Tensor) -> Tensor:
         """Serving keep rule at `block`; `prompt_lens` is per token.  A kind of token (prompt or
         decode) whose target is 0 is always kept, calibrated or not."""

@@ -215,3 +215,9 @@ def test_short_prompt_thresholds_follow_the_prompt_length():
     for lengths in ([12, 8], [8, 16]):
         with pytest.raises(ValueError, match="must rise"):
             R.Router(2, 1, 4, short_lengths=lengths, threshold_length=16)
+    router.threshold_decode.fill_(3.0)
+    router.set_schedule([0.5, 0.5], [0.5, 0.5])
+    router.keep_every_token()  # short-prompt thresholds too: the keep-all router must keep 8-token prompts
+    decoding = torch.full_like(lens, 50)  # past every prompt: decode tokens
+    for pos in (positions, decoding):
+        assert router.keep(1, torch.full((7,), -1e6), pos, lens).all()

@@ -21,8 +21,7 @@ def make_router(model_folder: str, out: Path, keep_all: bool = False) -> Path:
                     config.get("head_dim") or config["hidden_size"] // heads)
     router.set_schedule([0.0] + [0.3] * (config["num_hidden_layers"] - 1))
     if keep_all:
-        router.threshold_prompt.fill_(float("-inf"))
-        router.threshold_decode.fill_(float("-inf"))
+        router.keep_every_token()
     return save_checkpoint(out, router, {"base_model": fingerprint(model_folder)})
 
 
