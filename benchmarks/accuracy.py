@@ -287,9 +287,10 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    out.append("sparsity: realised % of token-block computations skipped (prompt (of routed prompts) / decode / all); ppl, ratio, "
-               "top1, KL: continuation under the decode rule; *full-seq ppl misleads (skipped prompt tokens' "
-               "own predictions are never served); retention = cloze acc / dense, above-chance = (acc - .25) / (dense - .25)")
+    out.append("sparsity: realised % of token-block computations skipped (prompt (of routed prompts) / decode / "
+               "all); ppl, ratio, top1, KL: continuation under the decode rule; *full-seq ppl misleads (skipped "
+               "prompt tokens' own predictions are never served); retention = cloze acc / dense, above-chance = "
+               "(acc - .25) / (dense - .25)")
     return "\n".join(out)
 
 

@@ -60,12 +60,12 @@ class Method:
         return {}
 
     def routed_prompt(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
-        """[T] bool: prompt tokens of the prompts this method routes (a router serves a prompt
-        shorter than its `min_prompt` dense; a checkpoint's targets are about the rest)."""
+        """[T] bool: prompt tokens of the prompts this method routes (`Router.routes_prompt`;
+        a baseline routes every prompt)."""
         prompt = is_prompt(cu_seqlens, prompt_lens)
         if self.router is None:
             return prompt
-        return prompt & (prompt_lens >= self.router.min_prompt)[request_ids(cu_seqlens)]
+        return prompt & self.router.routes_prompt(prompt_lens)[request_ids(cu_seqlens)]
 
 
 def is_prompt(cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:

@@ -340,8 +340,13 @@ class Router(nn.Module):
     def always_keep(self, positions: Tensor, prompt_lens: Tensor) -> Tensor:
         """Tokens no threshold can skip: position 0, each prompt's last token, and every token
         of a prompt shorter than `min_prompt`."""
-        short = (prompt_lens < self.min_prompt) & (positions < prompt_lens)
+        short = ~self.routes_prompt(prompt_lens) & (positions < prompt_lens)
         return always_keep_mask(positions, prompt_lens) | short
+
+    def routes_prompt(self, prompt_lens: Tensor) -> Tensor:
+        """Whether a prompt of each length is routed: `min_prompt` tokens or more (shorter ones
+        run dense; the checkpoint's prompt targets are about the rest)."""
+        return prompt_lens >= self.min_prompt
 
     def prompt_threshold(self, block: int, prompt_lens: Tensor) -> Tensor:
         """Prompt threshold per token: the one calibrated for its prompt's length band (the
