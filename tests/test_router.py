@@ -58,7 +58,7 @@ def test_causal_rank_split_independent(seed, rank_path):
 
 def test_rank_looks_backwards():
     cu = torch.tensor([0, 20])
-    scores = torch.randn(20)
+    scores = torch.randn(20, generator=torch.Generator().manual_seed(0))  # unseeded, ~5% of draws changed no rank
     before = R.causal_rank(scores, cu)
     scores[12] = 100.0
     after = R.causal_rank(scores, cu)
