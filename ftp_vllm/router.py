@@ -237,8 +237,10 @@ class RouterMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        hidden = F.silu((features.unsqueeze(-2) * self.fc1.weight).sum(-1) + self.fc1.bias)
-        return (hidden * self.fc2.weight[0]).sum(-1) + self.fc2.bias[0]
+        hidden = self.fc1.bias
+        for j in range(NUM_FEATURES):  # one feature at a time: no [T, 64, 4] temporary
+            hidden = hidden + features[..., j, None] * self.fc1.weight[:, j]
+        return (F.silu(hidden) * self.fc2.weight[0]).sum(-1) + self.fc2.bias[0]
 
 
 class Router(nn.Module):

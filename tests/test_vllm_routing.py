@@ -183,7 +183,8 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     Decode tokens are kept (as by the shipped routers) and prompts routed (by the tiny
     router's decode thresholds, and its short-prompt ones for the 40-token prompt), so
     decode steps run the stock graph (stock blocks that record scores) and prompt steps
-    vLLM's graph with the routed blocks as an opaque op."""
+    vLLM's graph with the routed blocks as an opaque op, which runs its MLP in chunks of
+    16 tokens here (as it does for a real model's large steps on CPUs)."""
     from ftp_vllm.checkpoint import load_checkpoint
 
     _, _, folder, tok = tiny_router
@@ -196,7 +197,7 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
            "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": folder}}
     eager, compiled = run_engines([
         {"llm": {**llm, "enforce_eager": mode == "eager"}, "prompts": prompts, "max_tokens": NEW_TOKENS,
-         "env": {"FTP_VLLM_TRACE": str(tmp_path / f"{mode}.jsonl")}}
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / f"{mode}.jsonl"), "FTP_VLLM_MLP_CHUNK": "16"}}
         for mode in ("eager", "compiled")
     ])
     assert compiled["tokens"] == eager["tokens"]

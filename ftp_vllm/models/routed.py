@@ -344,6 +344,7 @@ class RoutedDecoderLayer(nn.Module):
         super().__init__(*args, prefix=prefix, **kwargs)
         self.layer_idx = extract_layer_index(prefix)
         self.prefix = prefix
+        self.mlp_chunk: int | None = None  # tokens per MLP call in routed steps (`compile_parts`)
         self.routing: tuple[RoutingState] | tuple = ()  # a tuple: not a submodule of every layer
         # this block's rows of the routing state's folded key projection (`fold_scores`), as
         # buffers: inputs of the compiled stock graph, not constants baked into it
@@ -372,9 +373,20 @@ class RoutedDecoderLayer(nn.Module):
         return self._dense(positions, hidden_states, residual)
 
     def _dense(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        hidden_states = self.self_attn(positions=positions, hidden_states=normed)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states, residual = self._attention(positions, normed, residual)
         return self.mlp(hidden_states), residual
+
+    def _attention(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention for every token, residual add and post-attention norm."""
+        hidden_states = self.self_attn(positions=positions, hidden_states=normed)
+        return self.post_attention_layernorm(hidden_states, residual)
+
+    def _mlp(self, hidden_states: Tensor) -> Tensor:
+        return self.mlp(hidden_states)
+
+    def _mlp_rows(self, rows: Tensor) -> list[Tensor]:
+        """`rows` (token indices) in the pieces the routed op runs the MLP on (`compile_parts`)."""
+        return [rows] if self.mlp_chunk is None else list(rows.split(self.mlp_chunk))
 
     def record_scores(self, scores: Tensor) -> None:
         """The stock graph's block keeps every token and records their scores."""
@@ -413,7 +425,12 @@ class RoutedDecoderLayer(nn.Module):
     def _stock(self, positions: Tensor, normed: Tensor, qkv: Tensor | None, residual: Tensor):
         """The stock block, every token kept: compiled as one piece, or from a fused projection
         already computed for key scores."""
-        return self._dense(positions, normed, residual) if qkv is None else self._attend_all(positions, qkv, residual)
+        if qkv is not None:
+            return self._attend_all(positions, qkv, residual)
+        if self.mlp_chunk is None or len(normed) <= self.mlp_chunk:
+            return self._dense(positions, normed, residual)
+        hidden, residual = self._attention(positions, normed, residual)
+        return torch.cat([self._mlp(part) for part in hidden.split(self.mlp_chunk)]), residual
 
     def _attend_all(self, positions: Tensor, qkv: Tensor, residual: Tensor):
         """The stock block from its fused projection (computed for key scores): every token kept."""
@@ -467,23 +484,42 @@ class RoutedDecoderLayer(nn.Module):
         attn = self.self_attn
         return attn.rotary_emb(positions[kept], attn.q_proj(normed[kept])[0], None)[0]
 
-    def compile_parts(self) -> None:
+    def compile_parts(self, inductor_options: dict) -> None:
         """vLLM's compiler sees the routed op as opaque: compile its dense parts on their own,
-        as vLLM does for its layers called from opaque ops, so that their norms and
-        activations fuse as in the stock compiled layers.  A step that keeps every token
-        runs the whole block (`_dense`) as one compiled piece."""
-        for name in ("_dense", "_finish", "_kept_query", "_rotary_keys"):
-            setattr(self, name, _compile_tokenwise(getattr(self, name)))
+        with vLLM's inductor settings, as vLLM does for its layers called from opaque ops, so
+        that their norms and activations fuse as in the stock compiled layers.  A step that
+        keeps every token runs the whole block (`_dense`) as one compiled piece.
+
+        On CPUs the routed op also runs its MLP on at most `mlp_chunk` tokens at a time.  The
+        stock graph reuses one set of buffers across its layers; a compiled piece allocates
+        its own at every call, and a buffer above glibc's largest mmap threshold (32 MiB: the
+        MLP's gate/up output of 4,096 float32 tokens of SmolLM2 is 48 MiB) is mapped afresh
+        each time and its pages faulted in, which cost a keep-everything router about 4% of
+        prompt throughput.  Pieces below the threshold come back from the heap."""
+        from vllm.platforms import current_platform
+
+        for name in ("_dense", "_attention", "_mlp", "_post_norm", "_kept_query", "_rotary_keys"):
+            setattr(self, name, _compile_tokenwise(getattr(self, name), inductor_options))
+        if os.environ.get("FTP_VLLM_MLP_CHUNK"):  # tests: chunks of a tiny model's steps
+            self.mlp_chunk = int(os.environ["FTP_VLLM_MLP_CHUNK"])
+        elif current_platform.is_cpu():
+            gate_up = getattr(self.mlp.gate_up_proj, "weight", None)
+            row_bytes = len(gate_up) * gate_up.element_size() if gate_up is not None else 16384
+            self.mlp_chunk = max(64, (24 << 20) // row_bytes)
+
+    def _post_norm(self, delta: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.post_attention_layernorm(delta, residual)
 
     def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor):
         """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
-        normed, residual = self.post_attention_layernorm(delta, residual)
+        normed, residual = self._post_norm(delta, residual)
         out = torch.zeros_like(normed)
-        out[kept] = self.mlp(normed[kept])
+        for rows in self._mlp_rows(kept):
+            out[rows] = self._mlp(normed[rows])
         return out, residual
 
 
-def _compile_tokenwise(fn):
+def _compile_tokenwise(fn, inductor_options: dict):
     """`fn` compiled as vLLM compiles its models: dimension 0 of every tensor argument (the
     tokens) symbolic, every other dimension static, and only the guards on those symbols
     checked (checking all cost more than a decode step's work at a block).  So each call
@@ -496,7 +532,8 @@ def _compile_tokenwise(fn):
     from vllm.platforms import current_platform
 
     backend = current_platform.simple_compile_backend
-    options = {**maybe_disable_graph_partition(backend),
+    options = {**{k: v for k, v in inductor_options.items() if isinstance(v, (bool, int, float, str))},
+               **maybe_disable_graph_partition(backend),
                "guard_filter_fn": lambda entries: [e.guard_type == "SHAPE_ENV" for e in entries]}
     compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
 
@@ -631,7 +668,7 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
             layer.routing = (state,)
             _ROUTED_LAYERS[layer.prefix] = layer
             if compiled and not router.is_dense(layer.layer_idx):
-                layer.compile_parts()
+                layer.compile_parts(compilation.inductor_compile_config)
     _keep_routing_out_of_graphs(compilation)
     install_step_hook()
     logger.info("FTP router %s: target sparsity %s", path, config.get("target_sparsity"))
