@@ -494,8 +494,8 @@ class RoutedDecoderLayer(nn.Module):
         stock graph reuses one set of buffers across its layers; a compiled piece allocates
         its own at every call, and a buffer above glibc's largest mmap threshold (32 MiB: the
         MLP's gate/up output of 4,096 float32 tokens of SmolLM2 is 48 MiB) is mapped afresh
-        each time and its pages faulted in, which cost a keep-everything router about 4% of
-        prompt throughput.  Pieces below the threshold come back from the heap."""
+        each time and its pages faulted in (a keep-everything router's prompt throughput rose
+        from 0.94 to 0.96 of stock's).  Pieces below the threshold come back from the heap."""
         from vllm.platforms import current_platform
 
         for name in ("_dense", "_attention", "_mlp", "_post_norm", "_kept_query", "_rotary_keys"):
