@@ -384,9 +384,10 @@ class RoutedDecoderLayer(nn.Module):
     def _mlp(self, hidden_states: Tensor) -> Tensor:
         return self.mlp(hidden_states)
 
-    def _mlp_rows(self, rows: Tensor) -> list[Tensor]:
-        """`rows` (token indices) in the pieces the routed op runs the MLP on (`compile_parts`)."""
-        return [rows] if self.mlp_chunk is None else list(rows.split(self.mlp_chunk))
+    def _mlp_pieces(self, tokens: Tensor) -> tuple[Tensor, ...]:
+        """`tokens` (hidden states or token indices) in the pieces the routed op runs the MLP
+        on (`compile_parts`)."""
+        return (tokens,) if self.mlp_chunk is None else tokens.split(self.mlp_chunk)
 
     def record_scores(self, scores: Tensor) -> None:
         """The stock graph's block keeps every token and records their scores."""
@@ -430,7 +431,7 @@ class RoutedDecoderLayer(nn.Module):
         if self.mlp_chunk is None or len(normed) <= self.mlp_chunk:
             return self._dense(positions, normed, residual)
         hidden, residual = self._attention(positions, normed, residual)
-        return torch.cat([self._mlp(part) for part in hidden.split(self.mlp_chunk)]), residual
+        return torch.cat([self._mlp(part) for part in self._mlp_pieces(hidden)]), residual
 
     def _attend_all(self, positions: Tensor, qkv: Tensor, residual: Tensor):
         """The stock block from its fused projection (computed for key scores): every token kept."""
@@ -514,7 +515,7 @@ class RoutedDecoderLayer(nn.Module):
         """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
         normed, residual = self._post_norm(delta, residual)
         out = torch.zeros_like(normed)
-        for rows in self._mlp_rows(kept):
+        for rows in self._mlp_pieces(kept):
             out[rows] = self._mlp(normed[rows])
         return out, residual
 
