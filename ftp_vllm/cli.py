@@ -44,6 +44,15 @@ def _calibrate_short_prompts(args) -> None:
               f"thresholds fitted on {r['calibration_windows']})")
 
 
+def _rescale(args) -> None:
+    import shlex
+
+    from .pipeline import format_summary, rescale_router
+
+    folder, config = rescale_router(args.router, args.sparsity, args.out, command="ftp-vllm " + shlex.join(args.argv))
+    print(format_summary(folder, config))
+
+
 def _add_train_parser(sub) -> None:
     from .pipeline import TrainSettings
 
@@ -98,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("router", help="router checkpoint folder or shipped name")
     p.add_argument("--out", help="write here instead of updating the checkpoint in place")
     p.set_defaults(func=_calibrate_short_prompts)
+
+    p = sub.add_parser("rescale", help="a router at another sparsity from a trained one: its schedule scaled, "
+                                       "thresholds calibrated again; write a checkpoint")
+    p.add_argument("router", help="router checkpoint folder or shipped name")
+    p.add_argument("--sparsity", type=float, required=True, help="overall target: mean per-block prompt sparsity")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=_rescale)
     return parser
 
 

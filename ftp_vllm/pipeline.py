@@ -152,30 +152,14 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                            generations=s.router_generations, initial=[static.schedule],
                            desc="schedule search (trained router)", **{**search_args, "seed": s.seed + 1})
     router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
-    none = calib_text.input_ids.new_zeros(0)
-    calib_out = calibrate_router_thresholds(model, router, calib_text.input_ids, calib_text.cu_seqlens,
-                                            calib_text.prompt_lens, logits_at=none)
-    short_windows = calibrate_short_thresholds(model, router, calib_text.prompts())
-    start = _stage(stages, "router_search_and_thresholds", start)
+    start = _stage(stages, "router_search", start)
 
-    quality, eval_keep = evaluate(model, router, eval_text)
-    start = _stage(stages, "evaluation", start)
+    reached = calibrate_and_measure(model, router, calib_text, eval_text)
+    start = _stage(stages, "thresholds_and_evaluation", start)
 
-    is_prompt_cal = is_prompt(calib_text.cu_seqlens, calib_text.prompt_lens)
     config = {
         "base_model": {"name": s.model if "/" not in s.model else Path(folder).name, **fingerprint(folder)},
-        "target_sparsity": round(sum(tuned.schedule) / B, 6),
-        "decode_target_sparsity": round(sum(decode_of(tuned.schedule)) / B, 6),
-        "target_note": "mean over blocks of the share of token-block computations skipped; prompt "
-                       "tokens and decode tokens each have a per-block schedule",
-        "feature_normalisation": {"features": ["position", "attention score", "rank", "sparsity"],
-                                  "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
-        "realised_sparsity": {
-            "calibration_text (thresholds fitted here)": SkipCounter.of(calib_out.keep, is_prompt_cal).report(),
-            "evaluation_text (held out)": SkipCounter.of(eval_keep, is_prompt(eval_text.cu_seqlens, eval_text.prompt_lens)).report(),
-            "short_prompts": short_prompt_report(model, router, eval_text, short_windows),
-        },
-        "quality": quality,
+        **reached,
         "search": {
             "fitness": f"mean KL(dense || pruned) over the {s.chunk_len - s.context} continuation tokens of "
                        f"{s.search_chunks} calibration chunks after a {s.context}-token routed prompt",
@@ -204,6 +188,35 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     }
     out = save_checkpoint(s.out, router, config)
     return out, load_checkpoint(out)[1]
+
+
+def calibrate_and_measure(model: RoutedModel, router, calib_text: ContinuationBatch,
+                          eval_text: ContinuationBatch) -> dict:
+    """Thresholds calibrated so each block realises the router's schedule on calibration text
+    (full-length and short prompts), then realised sparsity and quality on held-out text: the
+    part of a checkpoint's config that says what it targets and what it reaches."""
+    none = calib_text.input_ids.new_zeros(0)
+    calib_out = calibrate_router_thresholds(model, router, calib_text.input_ids, calib_text.cu_seqlens,
+                                            calib_text.prompt_lens, logits_at=none)
+    short_windows = calibrate_short_thresholds(model, router, calib_text.prompts())
+    quality, eval_keep = evaluate(model, router, eval_text)
+    B = router.num_blocks
+    return {
+        "target_sparsity": round(sum(router.sparsity.tolist()) / B, 6),
+        "decode_target_sparsity": round(sum(router.decode_sparsity.tolist()) / B, 6),
+        "target_note": "mean over blocks of the share of token-block computations skipped; prompt "
+                       "tokens and decode tokens each have a per-block schedule",
+        "feature_normalisation": {"features": ["position", "attention score", "rank", "sparsity"],
+                                  "mean": router.feature_mean.tolist(), "std": router.feature_std.tolist()},
+        "realised_sparsity": {
+            "calibration_text (thresholds fitted here)":
+                SkipCounter.of(calib_out.keep, is_prompt(calib_text.cu_seqlens, calib_text.prompt_lens)).report(),
+            "evaluation_text (held out)":
+                SkipCounter.of(eval_keep, is_prompt(eval_text.cu_seqlens, eval_text.prompt_lens)).report(),
+            "short_prompts": short_prompt_report(model, router, eval_text, short_windows),
+        },
+        "quality": quality,
+    }
 
 
 def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict, torch.Tensor]:
@@ -245,26 +258,63 @@ def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch
     return report
 
 
-def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "") -> tuple[Path, dict]:
-    """Give a checkpoint made without them short-prompt thresholds, calibrated on the calibration
-    chunks its training used (the router's MLP, schedule and other thresholds are unchanged)."""
+def _training_text(folder, config: dict, what: str):
+    """(settings, model, calibration text, held-out text) of the training that made a checkpoint,
+    rebuilt from the settings it recorded: what it is calibrated again on."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import check_compatible, resolve_router
+    from .checkpoint import check_compatible
 
-    old, config = load_checkpoint(folder)
-    try:  # the calibration text is rebuilt from the settings training recorded
+    try:
         settings = TrainSettings(**{k: v for k, v in config["training"]["settings"].items()
                                     if k in TrainSettings.__dataclass_fields__})
     except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{folder}: no usable training settings in its config ({e!r}); short-prompt "
-                              "thresholds are calibrated on the text its training used") from None
+        raise CheckpointError(f"{folder}: no usable training settings in its config ({e!r}); {what} are "
+                              "calibrated on the text its training used") from None
     model_folder = resolve_model(settings.model)
     check_compatible(config, model_folder)
     model = RoutedModel.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     _, calib_text, _ = calibration_split(tokenizer, settings)
-    eval_text = evaluation_split(tokenizer, settings)
+    return settings, model, calib_text, evaluation_split(tokenizer, settings)
+
+
+def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command: str = "") -> tuple[Path, dict]:
+    """A router at another overall sparsity from a trained one: its MLP and feature statistics
+    kept, its per-block schedule scaled to the new mean (decode in proportion), its thresholds
+    calibrated again on the calibration text its training used, and held-out quality and
+    realised sparsity measured as training measures them.  A schedule searched at one target
+    can serve a nearby one better than a fresh search on the few calibration chunks the search
+    scores (README: the 22% router)."""
+    source, config = load_checkpoint(folder)
+    if not 0 < sparsity < 1:
+        raise CheckpointError(f"target sparsity {sparsity} is not in (0, 1)")
+    _, model, calib_text, eval_text = _training_text(folder, config, "rescaled thresholds")
+    prompt = source.sparsity.tolist()
+    ratio = sparsity / (sum(prompt) / len(prompt))
+    scaled = [s * ratio for s in prompt]
+    if max(scaled) > 1:
+        raise CheckpointError(f"{folder}: its schedule cannot be scaled to {sparsity}: block "
+                              f"{scaled.index(max(scaled))} would skip more than every token")
+    router = model.new_router(min_prompt=source.min_prompt, short_lengths=source.short_lengths,
+                              threshold_length=source.threshold_length)
+    router.load_state_dict(source.state_dict())
+    router.set_schedule(scaled, [s * ratio for s in source.decode_sparsity.tolist()])
+    reached = calibrate_and_measure(model, router, calib_text, eval_text)
+    kept = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule", *reached)}
+    kept["training"] = {**config["training"], "rescaled": {
+        "from": str(folder), "from_target_sparsity": config.get("target_sparsity"), "command": command}}
+    target = save_checkpoint(out, router, {**kept, **reached})
+    return target, load_checkpoint(target)[1]
+
+
+def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "") -> tuple[Path, dict]:
+    """Give a checkpoint made without them short-prompt thresholds, calibrated on the calibration
+    chunks its training used (the router's MLP, schedule and other thresholds are unchanged)."""
+    from .checkpoint import resolve_router
+
+    old, config = load_checkpoint(folder)
+    settings, model, calib_text, eval_text = _training_text(folder, config, "short-prompt thresholds")
     router = model.new_router(min_prompt=old.min_prompt,
                               short_lengths=short_prompt_lengths(old.min_prompt, settings.context),
                               threshold_length=settings.context)
@@ -316,6 +366,10 @@ def format_summary(folder: Path, config: dict) -> str:
         f"(uniform {config['search']['trained_router']['uniform_fitness']:.4f})",
         f"{config['quality']['text']}; dense ppl {config['quality']['dense_continuation_ppl']}",
     ]
+    if "rescaled" in config["training"]:
+        r = config["training"]["rescaled"]
+        lines.insert(3, f"rescaled from {r['from']} (target {r['from_target_sparsity']}): schedule scaled, thresholds "
+                        "calibrated again; the training and search lines are that router's")
     for name, q in config["quality"].items():
         if isinstance(q, dict):
             lines.append(f"  {name:<28} KL {q['continuation_kl']:.4f}  ppl ratio {q['ppl_ratio_to_dense']:.3f}")

@@ -58,3 +58,27 @@ def test_calibrate_short_prompts_cli_upgrades_an_older_checkpoint(tiny_llama, tm
 def test_train_cli_reports_bad_model(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "none"), "--sparsity", "0.3", "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_rescale_cli_scales_the_schedule_and_calibrates_again(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "router"
+    assert main(["train", "--model", tiny_llama, "--sparsity", "0.3", "--decode-sparsity", "0.15", "--out", str(out),
+                 *TINY_SETTINGS]) == 0
+    source, _ = load_checkpoint(out)
+    capsys.readouterr()
+    assert main(["rescale", str(out), "--sparsity", "0.2", "--out", str(tmp_path / "s20")]) == 0
+    assert "rescaled from" in capsys.readouterr().out
+    router, config = load_checkpoint(tmp_path / "s20")
+    torch.testing.assert_close(router.sparsity, source.sparsity * (0.2 / 0.3))
+    torch.testing.assert_close(router.decode_sparsity, source.decode_sparsity * (0.2 / 0.3))
+    assert config["target_sparsity"] == 0.2 and config["decode_target_sparsity"] == 0.1
+    for name in ("mlp.fc1.weight", "mlp.fc2.weight", "mean_query", "feature_mean", "feature_std"):
+        assert torch.equal(router.state_dict()[name], source.state_dict()[name])
+    cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
+    assert abs(cal["prompt"]["mean"] - 0.2) < 0.05 and abs(cal["decode"]["mean"] - 0.1) < 0.1
+    assert not torch.equal(router.threshold_prompt, source.threshold_prompt)
+    assert config["training"]["rescaled"]["from_target_sparsity"] == 0.3
+    assert config["training"]["rescaled"]["command"].startswith("ftp-vllm rescale")
+    # a target the schedule cannot reach: a clear error, nothing written
+    assert main(["rescale", str(out), "--sparsity", "0.9", "--out", str(tmp_path / "s90")]) == 2
+    assert "cannot be scaled to 0.9" in capsys.readouterr().err and not (tmp_path / "s90").exists()
