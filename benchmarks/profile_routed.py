@@ -1,0 +1,176 @@
+"""Where a routed block's time goes: one in-process engine with timers around the routed op's parts.
+
+    python benchmarks/profile_routed.py --router smollm2-135m-instruct-s30 --workload prompt-heavy
+
+Runs one of `throughput.py`'s workloads on one engine (the same settings) and
+prints, per repetition, the wall time and the total seconds and calls of each
+timed part: the routed op (`routed_forward`), the router's decision
+(`decide`, within it `block_logits` and `keep`), attention for the kept
+queries (`cpu_attention`, within it `query_runs`), the post-attention norm
+and MLP of the kept tokens (`_finish`), the keep-everything block (`_stock`),
+the cache write of the K/V path (`kv_update`) and vLLM's own attention
+(`stock_attention`: every attention call of the stock layers).  Per-call
+means divide by the calls.  The timers cost a few microseconds a call, so a
+profiled run is slower than a benchmark run; compare parts within a run, and
+runs with each other, not with `throughput.py`'s walls.  Parts compiled on
+their own in compiled mode (projections, rotary) are not timed separately: a
+timer inside them would be traced by the compiler.
+
+    python benchmarks/profile_routed.py --linear-rows 32 22 1
+
+times instead what a block's linear layers cost for that many tokens (the
+model's own weights, every block, no engine): what a routed block can save by
+running fewer rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+TIMED_PARTS = {
+    "ftp_vllm.models.routed.RoutingState": ("decide", "keep_all", "begin_step", "end_step"),
+    "ftp_vllm.models.routed.RoutedDecoderLayer": ("routed_forward", "_routed", "_stock", "_finish"),
+    "ftp_vllm.router.Router": ("block_logits", "keep"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("forward",),
+}
+RENAMED = {"forward": "stock_attention"}
+
+
+def install_timers(totals: dict, calls: collections.Counter) -> None:
+    import importlib
+
+    from ftp_vllm.kernels import attention as kept_attention
+    from ftp_vllm.models import routed
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+                calls[name] += 1
+        return wrapper
+
+    for path, names in TIMED_PARTS.items():
+        module, cls = path.rsplit(".", 1)
+        owner = getattr(importlib.import_module(module), cls)
+        for name in names:
+            setattr(owner, name, timed(RENAMED.get(name, name), getattr(owner, name)))
+    routed._cpu_attention = timed("cpu_attention", routed._cpu_attention)
+    routed.unified_kv_cache_update = timed("kv_update", routed.unified_kv_cache_update)
+    kept_attention.query_runs = timed("query_runs", kept_attention.query_runs)
+
+
+def linear_times(model: str, rows: list[int], repeats: int = 20) -> dict[int, float]:
+    """Median ms for the query, K/V, output and MLP projections of every block on `rows` tokens."""
+    import statistics
+
+    import torch
+
+    from ftp_vllm.model_store import resolve_model
+    from ftp_vllm.reference import RoutedModel
+
+    layers = RoutedModel.from_pretrained(resolve_model(model)).hf.model.layers
+    weights = [[m.weight.detach() for m in (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj,
+                                             l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)]
+               for l in layers]
+
+    def run(x):
+        with torch.no_grad():
+            for q, k, v, o, gate, up, down in weights:
+                _keys, _values = x @ k.T, x @ v.T
+                h = (x @ q.T) @ o.T
+                _out = (torch.nn.functional.silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+    result = {}
+    for n in rows:
+        x = torch.randn(n, weights[0][0].shape[1])
+        run(x)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            samples.append(1e3 * (time.perf_counter() - start))
+        result[n] = statistics.median(samples)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--router", help="router name or checkpoint folder (none: the stock model)")
+    p.add_argument("--keep-all", action="store_true", help="the router with thresholds that keep every token")
+    p.add_argument("--workload", default="prompt-heavy", choices=["prompt-heavy", "decode-heavy", "mixed"])
+    p.add_argument("--mode", default="compiled", choices=["compiled", "eager"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--linear-rows", nargs="+", type=int,
+                   help="no engine: time every block's linear layers on this many tokens")
+    p.add_argument("--json", help="write the per-repetition figures here")
+    args = p.parse_args(argv)
+    if args.linear_rows:
+        times = linear_times(args.model, args.linear_rows)
+        for n, ms in times.items():
+            print(f"{n:5d} tokens: {ms:8.1f} ms for the linear layers of every block (median of 20)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "linear_ms": times}, indent=1))
+        return 0
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model runs in this process, under the timers
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tempfile
+
+    import throughput
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+    from ftp_vllm.model_store import resolve_model
+
+    totals, calls = collections.defaultdict(float), collections.Counter()
+    install_timers(totals, calls)
+    folder = str(resolve_model(args.model))
+    llm_args = dict(model=folder, tokenizer=folder, dtype="float32", seed=0, kv_cache_memory_bytes=1 << 30,
+                    max_model_len=2048, distributed_executor_backend="uni", enable_prefix_caching=False,
+                    enforce_eager=args.mode == "eager")
+    if args.router:
+        router_path = resolve_router(args.router)
+        if args.keep_all:
+            router, _ = load_checkpoint(router_path)
+            router.keep_every_token()
+            router_path = save_checkpoint(Path(tempfile.mkdtemp(prefix="ftp-profile-")) / "keep-all", router,
+                                          {"base_model": fingerprint(folder)})
+        llm_args["hf_overrides"] = {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router_path)}
+    llm = LLM(**llm_args)
+    requests = throughput.workload(args.workload, AutoTokenizer.from_pretrained(folder))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    runs = []
+    for rep in range(args.repeats):
+        totals.clear()
+        calls.clear()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        run = {"wall_s": round(time.perf_counter() - start, 3),
+               "parts": {k: {"s": round(totals[k], 3), "calls": calls[k], "ms_per_call": round(1e3 * totals[k] / calls[k], 3)}
+                         for k in sorted(totals)}}
+        runs.append(run)
+        print(f"repetition {rep + 1}: wall {run['wall_s']:.1f} s")
+        for name, part in run["parts"].items():
+            print(f"  {name:<16} {part['s']:8.3f} s  {part['calls']:6d} calls  {part['ms_per_call']:8.3f} ms/call")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
