@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default="prompt-heavy", choices=["prompt-heavy", "decode-heavy", "mixed"])
     p.add_argument("--mode", default="compiled", choices=["compiled", "eager"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="default: as throughput.py (bfloat16 where native, else float32)")
     p.add_argument("--linear-rows", nargs="+", type=int,
                    help="no engine: time every block's linear layers on this many tokens")
     p.add_argument("--json", help="write the per-repetition figures here")
@@ -122,36 +123,28 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps({"args": vars(args), "linear_ms": times}, indent=1))
         return 0
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model runs in this process, under the timers
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     sys.path.insert(0, str(Path(__file__).parent))
     import tempfile
 
     import throughput
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+    from ftp_vllm.checkpoint import resolve_router
     from ftp_vllm.model_store import resolve_model
 
+    throughput.engine_env(os.environ)  # the model in this process, under the timers
     totals, calls = collections.defaultdict(float), collections.Counter()
     install_timers(totals, calls)
-    folder = str(resolve_model(args.model))
-    llm_args = dict(model=folder, tokenizer=folder, dtype="float32", seed=0, kv_cache_memory_bytes=1 << 30,
-                    max_model_len=2048, distributed_executor_backend="uni", enable_prefix_caching=False,
-                    enforce_eager=args.mode == "eager")
+    folder = resolve_model(args.model)
+    llm_args = {**throughput.engine_args(folder, args.dtype), "enforce_eager": args.mode == "eager"}
     if args.router:
-        router_path = resolve_router(args.router)
+        router = args.router
         if args.keep_all:
-            router, _ = load_checkpoint(router_path)
-            router.keep_every_token()
-            router_path = save_checkpoint(Path(tempfile.mkdtemp(prefix="ftp-profile-")) / "keep-all", router,
-                                          {"base_model": fingerprint(folder)})
-        llm_args["hf_overrides"] = {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router_path)}
+            router = throughput.keep_all_router(router, folder, Path(tempfile.mkdtemp(prefix="ftp-profile-")) / "keep-all")
+        llm_args.update(throughput.routed_overrides(resolve_router(router)))
     llm = LLM(**llm_args)
-    requests = throughput.workload(args.workload, AutoTokenizer.from_pretrained(folder))
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
-    prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
+    prompts, params = throughput.workload_inputs(args.workload, AutoTokenizer.from_pretrained(folder))
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
     runs = []
     for rep in range(args.repeats):

@@ -71,13 +71,57 @@ def workload(name: str, tokenizer, seed: int = 0) -> list[tuple[list[int], int]]
     raise ValueError(name)
 
 
+def workload_inputs(name: str, tokenizer) -> tuple[list[dict], list]:
+    """The workload as `LLM.generate` takes it: prompts and greedy sampling params (`ignore_eos`)."""
+    from vllm import SamplingParams
+
+    requests = workload(name, tokenizer)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    return [{"prompt_token_ids": ids} for ids, _ in requests], params
+
+
+# ---- engine settings -------------------------------------------------------------
+
+def engine_args(folder, dtype: str | None = None) -> dict:
+    """`LLM` arguments every method runs with (add `enforce_eager`); dtype by default bfloat16
+    where native (GPU, AVX-512 BF16, AMX), else float32.  Prefix caching is off: every
+    repetition computes every prompt."""
+    from ftp_vllm.server_process import has_gpu, native_bf16
+
+    dtype = dtype or ("bfloat16" if has_gpu() or native_bf16() else "float32")
+    return {"model": str(folder), "tokenizer": str(folder), "dtype": dtype, "seed": 0,
+            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni",
+            "enable_prefix_caching": False}
+
+
+def engine_env(env) -> None:
+    """Engine process environment, set in `env`: the model in the engine's own process (so
+    that one process holds it), OpenMP threads on every core unless bound already."""
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+
+
+def routed_overrides(router_path) -> dict:
+    """`LLM` arguments that serve the FTP class with a router checkpoint."""
+    return {"hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router_path)}}
+
+
+def keep_all_router(name, model_folder, out: Path) -> Path:
+    """Router `name` with thresholds that keep every token (the routing overhead alone), saved at `out`."""
+    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+
+    router, _ = load_checkpoint(resolve_router(name))
+    router.keep_every_token()
+    return save_checkpoint(out, router, {"base_model": fingerprint(model_folder)})
+
+
 # ---- one engine per process -------------------------------------------------------
 
 def worker(spec: dict) -> None:
     """Engine process: load once, then run workloads named on stdin, answering with JSON."""
     os.environ.update(spec.get("env", {}))
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(**spec["llm"])
     tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["tokenizer"])
@@ -85,9 +129,7 @@ def worker(spec: dict) -> None:
     print("READY", flush=True)
     for line in sys.stdin:
         name = line.strip()
-        requests = workload(name, tokenizer)
-        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
-        prompts = [{"prompt_token_ids": p} for p, _ in requests]
+        prompts, params = workload_inputs(name, tokenizer)
         llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
         before = _stats(llm) if routed else None
         start = time.perf_counter()
@@ -95,9 +137,9 @@ def worker(spec: dict) -> None:
         wall = time.perf_counter() - start
         after = _stats(llm) if routed else None
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        in_tokens = sum(len(p) for p, _ in requests)
+        in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         print("RESULT " + json.dumps({
-            "wall_s": wall, "requests": len(requests), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+            "wall_s": wall, "requests": len(prompts), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
             "keep_rates": _keep_rates(before, after),
         }), flush=True)
 
@@ -123,8 +165,8 @@ class Engine:
     def __init__(self, spec: dict, log: Path):
         self.spec = spec
         self.log = log.open("w")
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        env = dict(os.environ)
+        engine_env(env)
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self._expect("READY")
@@ -197,25 +239,18 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+    from ftp_vllm.checkpoint import load_checkpoint, resolve_router
     from ftp_vllm.model_store import resolve_model, write_pruned_model
 
-    from ftp_vllm.server_process import has_gpu, native_bf16
-
-    args.dtype = args.dtype or ("bfloat16" if has_gpu() or native_bf16() else "float32")
     folder = resolve_model(args.model)
     config = json.loads((Path(folder) / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     work = Path(tempfile.mkdtemp(prefix="ftp-throughput-"))
-    base = {"model": str(folder), "tokenizer": str(folder), "dtype": args.dtype, "seed": 0,
-            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni",
-            "enable_prefix_caching": False}  # every repetition computes every prompt
-    ftp_class = {"architectures": ["FTPLlamaForCausalLM"]}
+    base = engine_args(folder, args.dtype)
+    args.dtype = base["dtype"]
     keep_all = shortgpt = None
     if "ftp-keep-all" in args.methods:
-        router, _ = load_checkpoint(resolve_router(args.routers[0]))
-        router.keep_every_token()
-        keep_all = save_checkpoint(work / "keep-all", router, {"base_model": fingerprint(folder)})
+        keep_all = keep_all_router(args.routers[0], folder, work / "keep-all")
     if "shortgpt" in args.methods and args.routers:
         from ftp_vllm.evaluation import calibration_block_influence
         from ftp_vllm.reference import RoutedModel, shortgpt_blocks
@@ -229,7 +264,7 @@ def main(argv=None) -> int:
     shortgpt_layers = config["num_hidden_layers"] - len(shortgpt[1]) if shortgpt else None
 
     def routed(path, env=None):
-        return {"hf_overrides": {**ftp_class, "ftp_router": str(path)}}, env or {}
+        return routed_overrides(path), env or {}
 
     rows = []  # (name, method, router, sparsity, llm overrides, env, extra)
     if "dense" in args.methods:

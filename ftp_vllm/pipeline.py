@@ -290,16 +290,16 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     if not 0 < sparsity < 1:
         raise CheckpointError(f"target sparsity {sparsity} is not in (0, 1)")
     _, model, calib_text, eval_text = _training_text(folder, config, "rescaled thresholds")
-    prompt = source.sparsity.tolist()
+    prompt, decode = source.sparsity.tolist(), source.decode_sparsity.tolist()
     ratio = sparsity / (sum(prompt) / len(prompt))
-    scaled = [s * ratio for s in prompt]
-    if max(scaled) > 1:
+    over = [b for b, s in enumerate(map(max, prompt, decode)) if s * ratio > 1]
+    if over:  # `scaled_schedule` would cap them at 1 and miss the target
         raise CheckpointError(f"{folder}: its schedule cannot be scaled to {sparsity}: block "
-                              f"{scaled.index(max(scaled))} would skip more than every token")
+                              f"{over[0]} would skip more than every token")
     router = model.new_router(min_prompt=source.min_prompt, short_lengths=source.short_lengths,
                               threshold_length=source.threshold_length)
     router.load_state_dict(source.state_dict())
-    router.set_schedule(scaled, [s * ratio for s in source.decode_sparsity.tolist()])
+    router.set_schedule(scaled_schedule(prompt, sparsity), scaled_schedule(decode, ratio * sum(decode) / len(decode)))
     reached = calibrate_and_measure(model, router, calib_text, eval_text)
     kept = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule", *reached)}
     kept["training"] = {**config["training"], "rescaled": {
