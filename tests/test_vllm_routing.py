@@ -52,12 +52,14 @@ def reference_masks(model, router, prompt: list[int], generated: list[int]):
     return out.keep, greedy
 
 
-def vllm_masks(trace: list[dict], num_blocks: int, length: int) -> torch.Tensor:
-    """Per-block keep masks by position from one request's trace lines (dense blocks: all kept)."""
+def vllm_masks(trace: list[dict], num_blocks: int, length: int, prompt_len: int | None = None) -> torch.Tensor:
+    """Per-block keep masks by position (-1: not computed) from one request's trace lines, or
+    from a batch's, of the request whose prompt has `prompt_len` tokens (prompt lengths differ)."""
     keep = torch.full((num_blocks, length), -1)
     for step in trace:
+        rows = [i for i, n in enumerate(step["prompt_lens"]) if prompt_len in (None, n)]
         for block, mask in step["keep"].items():
-            keep[int(block), step["positions"]] = torch.tensor(mask)
+            keep[int(block), [step["positions"][i] for i in rows]] = torch.tensor([mask[i] for i in rows], dtype=torch.long)
     return keep
 
 
@@ -184,10 +186,12 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     router's decode thresholds, and its short-prompt ones for the 40-token prompt), so
     decode steps run the stock graph (stock blocks that record scores) and prompt steps
     vLLM's graph with the routed blocks as an opaque op, which runs its MLP in chunks of
-    16 tokens here (as it does for a real model's large steps on CPUs)."""
+    16 tokens here (as it does for a real model's large steps on CPUs).  Steps that mix
+    prompt chunks with decode tokens decide on the prompts' requests alone; both modes
+    equal the reference there too."""
     from ftp_vllm.checkpoint import load_checkpoint
 
-    _, _, folder, tok = tiny_router
+    model, _, folder, tok = tiny_router
     router, config = load_checkpoint(folder)
     router.set_schedule(SCHEDULE, [0.0] * len(SCHEDULE))
     router.threshold_prompt.copy_(router.threshold_decode)
@@ -201,6 +205,15 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
         for mode in ("eager", "compiled")
     ])
     assert compiled["tokens"] == eager["tokens"]
+    routed = [b for b, target in enumerate(SCHEDULE) if target > 0]
+    for i, prompt in enumerate(prompts):
+        ids = prompt["prompt_token_ids"]
+        ref_keep, ref_greedy = reference_masks(model, router, ids, eager["tokens"][i])
+        assert eager["tokens"][i] == ref_greedy
+        got = vllm_masks(eager["traces"][0], router.num_blocks, len(ids) + NEW_TOKENS - 1, len(ids))
+        assert torch.equal(got[routed], ref_keep[routed].long()), f"prompt {i}: keep masks differ"
+    mixed = [s for s in eager["traces"][0] if len(set(p < n for p, n in zip(s["positions"], s["prompt_lens"]))) == 2]
+    assert mixed, "some steps should mix prompt chunks and decode tokens"
     assert [(s["positions"], s["keep"]) for s in compiled["traces"][0]] == \
         [(s["positions"], s["keep"]) for s in eager["traces"][0]]
     kept = [k for s in compiled["traces"][0] for mask in s["keep"].values() for k in mask]

@@ -102,10 +102,10 @@ class StepRouting:
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
     # for decisions only (`with_context`): a step that routes nowhere skips them
-    past_slots: Tensor | None = None  # cache slots of every request's earlier tokens, request by request
-    past_cu_seqlens: Tensor | None = None  # [R+1]
     requests: Tensor | None = None  # [T] each token's request
-    rank_layout: RankLayout | None = None  # shared by every block of the step
+    n_past: Tensor | None = None  # [R] each request's earlier tokens
+    context: tuple | None = None  # (block table, block size) where those tokens are
+    batches: dict | None = None  # `DecisionBatch` by the kinds of token routed
 
     @classmethod
     def of(cls, metadata, positions: Tensor) -> StepRouting:
@@ -120,13 +120,45 @@ class StepRouting:
     def with_context(self, metadata, block_size: int) -> None:
         """Where each request's earlier tokens are, which decisions rank against."""
         cu = self.cu_seqlens
-        n_past = metadata.seq_lens[:len(cu) - 1] - (cu[1:] - cu[:-1])
+        self.n_past = metadata.seq_lens[:len(cu) - 1] - (cu[1:] - cu[:-1])
+        self.context = (metadata.block_table, block_size)
+        self.requests = request_ids(cu)
+        self.batches = {}
+
+    def decision_batch(self, routable: Tensor) -> DecisionBatch:
+        """The requests holding a `routable` token [T], with their past, as one batch to
+        decide on; the other requests' tokens are kept whatever their logits."""
+        cu, n_past = self.cu_seqlens, self.n_past
+        chosen = torch.zeros(len(n_past), dtype=torch.int32, device=cu.device).index_add_(
+            0, self.requests, routable.int()) > 0
+        tokens = None
+        if not bool(chosen.all()):
+            picked = chosen.nonzero().squeeze(1)
+            lengths = (cu[1:] - cu[:-1])[picked]
+            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            tokens = self.cu_seqlens[picked][request_ids(cu)] + local_index(cu)
+            n_past = n_past[picked]
+        else:
+            picked = torch.arange(len(n_past), device=cu.device)
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
-        self.past_slots = metadata.block_table[rid, pos // block_size] * block_size + pos % block_size
-        self.past_cu_seqlens = past_cu
-        self.requests = request_ids(cu)
-        self.rank_layout = RankLayout(cu, past_cu)
+        block_table, block_size = self.context
+        past_slots = block_table[picked[rid], pos // block_size] * block_size + pos % block_size
+        return DecisionBatch(tokens, cu, past_slots, past_cu, RankLayout(cu, past_cu))
+
+
+@dataclass
+class DecisionBatch:
+    """The tokens a block decides on: every token of the requests that hold a token of a kind
+    (prompt, decode) the block routes.  Any other token is kept by the keep rule (a decode
+    token where decode tokens are dense, a prompt shorter than `min_prompt`), so its logit,
+    and its rank among its request's tokens, would be wasted work."""
+
+    tokens: Tensor | None  # indices of the step's tokens; None: all of them
+    cu_seqlens: Tensor  # [R'+1] the chosen requests' tokens, in `tokens`
+    past_slots: Tensor  # cache slots of the chosen requests' earlier tokens, request by request
+    past_cu_seqlens: Tensor  # [R'+1]
+    rank_layout: RankLayout  # shared by every block of the step that routes the same kinds
 
 
 class RoutingState(nn.Module):
@@ -240,10 +272,16 @@ class RoutingState(nn.Module):
         pre-rotary keys [T, KV, d])."""
         step, router = self.step, self.router
         scores = self._store(block, self.scores(block, normed, keys), num_slots)
-        past = self.score_cache[block, step.past_slots]  # other slots than the step's
-        logits = router.block_logits(block, scores, positions, step.prompt_lens, step.cu_seqlens, past,
-                                     step.past_cu_seqlens, step.rank_layout)
-        keep = router.keep(block, logits, positions, step.prompt_lens)
+        batch = self._decision_batch(block)
+        prompt_lens = step.prompt_lens
+        if batch.tokens is not None:
+            scores, positions, prompt_lens = scores[batch.tokens], positions[batch.tokens], prompt_lens[batch.tokens]
+        past = self.score_cache[block, batch.past_slots]  # other slots than the step's
+        logits = router.block_logits(block, scores, positions, prompt_lens, batch.cu_seqlens, past,
+                                     batch.past_cu_seqlens, batch.rank_layout)
+        keep = router.keep(block, logits, positions, prompt_lens)
+        if batch.tokens is not None:
+            keep = torch.ones_like(step.is_prompt).index_put_((batch.tokens,), keep)
         is_prompt = step.is_prompt
         self.counts[block] += torch.stack([
             (keep & is_prompt).sum(), is_prompt.sum(), (keep & ~is_prompt).sum(), (~is_prompt).sum(),
@@ -251,6 +289,20 @@ class RoutingState(nn.Module):
         if self._trace_path:
             self._trace[block] = keep
         return keep
+
+    def _decision_batch(self, block: int) -> DecisionBatch:
+        """The step's `DecisionBatch` for the kinds of token `block` routes (made once a step)."""
+        step = self.step
+        prompt_target, decode_target = self.router.targets(block)
+        kinds = (prompt_target > 0, decode_target > 0)
+        if kinds not in step.batches:
+            routable = torch.zeros_like(step.is_prompt)
+            if kinds[0]:
+                routable |= step.is_prompt & self.router.routes_prompt(step.prompt_lens)
+            if kinds[1]:
+                routable |= ~step.is_prompt
+            step.batches[kinds] = step.decision_batch(routable)
+        return step.batches[kinds]
 
     def kept_attention(self, layer):
         """The fast path's attention for kept queries on `layer`'s backend (a function of
@@ -474,9 +526,7 @@ class RoutedDecoderLayer(nn.Module):
             step = state.step
             attn_out = kernel(attn.attn, q.view(len(kept), attn.num_heads, attn.head_dim), kept,
                               step.requests[kept], positions[kept], step.block_table)
-        delta = torch.zeros_like(normed)
-        delta[kept] = attn.o_proj(attn_out.reshape(len(kept), -1))[0]
-        return self._finish(delta, residual, kept)
+        return self._finish(attn.o_proj(attn_out.reshape(len(kept), -1))[0], residual, kept)
 
     def _rotary_keys(self, positions: Tensor, k: Tensor) -> Tensor:
         return self.self_attn.rotary_emb(positions, k, None)[0]
@@ -508,15 +558,20 @@ class RoutedDecoderLayer(nn.Module):
             row_bytes = len(gate_up) * gate_up.element_size() if gate_up is not None else 16384
             self.mlp_chunk = max(64, (24 << 20) // row_bytes)
 
-    def _post_norm(self, delta: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        return self.post_attention_layernorm(delta, residual)
+    def _post_norm(self, attn_out: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return self.post_attention_layernorm(attn_out, residual)
 
-    def _finish(self, delta: Tensor, residual: Tensor, kept: Tensor):
-        """Residual add, post-attention norm and MLP; a skipped token adds zero and skips the MLP."""
-        normed, residual = self._post_norm(delta, residual)
-        out = torch.zeros_like(normed)
-        for rows in self._mlp_pieces(kept):
-            out[rows] = self._mlp(normed[rows])
+    def _finish(self, attn_out: Tensor, residual: Tensor, kept: Tensor):
+        """Residual add, post-attention norm and MLP of the kept tokens, from their attention
+        output [N, hidden]; `residual` is updated in place at their rows.  A skipped token's
+        residual stays as it is and it adds zero: nothing of the block touches its row."""
+        if not len(kept):
+            return torch.zeros_like(residual), residual
+        normed, kept_residual = self._post_norm(attn_out, residual[kept])
+        residual[kept] = kept_residual
+        out = torch.zeros_like(residual)
+        for rows, part in zip(self._mlp_pieces(kept), self._mlp_pieces(normed)):
+            out[rows] = self._mlp(part)
         return out, residual
 
 
