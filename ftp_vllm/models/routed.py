@@ -32,7 +32,7 @@ In vLLM's compiled mode the model has two compiled graphs.  A step that routes
 runs vLLM's graph of the model, in which each routed block's routed part is
 one op opaque to the compiler (its shapes depend on the decisions).  A step in
 which no block can skip a token (decode steps of a router that keeps decode
-tokens dense, every step of a keep-everything router) runs a second graph:
+tokens dense, steps whose prompts are all too short to route) runs a second graph:
 the stock model plus, at each routed block, an op that records its tokens'
 scores, which later tokens rank against.
 """
@@ -101,6 +101,7 @@ class StepRouting:
     block_table: Tensor  # [R, pages] the attention metadata's
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
+    num_routed_prompt: int  # of them, tokens of prompts long enough to route (`Router.routes_prompt`)
     # for decisions only (`with_context`): a step that routes nowhere skips them
     requests: Tensor | None = None  # [T] each token's request
     n_past: Tensor | None = None  # [R] each request's earlier tokens
@@ -108,14 +109,16 @@ class StepRouting:
     batches: dict | None = None  # `DecisionBatch` by the kinds of token routed
 
     @classmethod
-    def of(cls, metadata, positions: Tensor) -> StepRouting:
+    def of(cls, metadata, positions: Tensor, routes_prompt) -> StepRouting:
+        """The step of vLLM's attention `metadata`; `routes_prompt` says which prompt lengths are routed."""
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(_StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
         prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
         is_prompt = positions[:num_tokens] < prompt_lens
         return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
-                   block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()))
+                   block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()),
+                   num_routed_prompt=int((is_prompt & routes_prompt(prompt_lens)).sum()))
 
     def with_context(self, metadata, block_size: int) -> None:
         """Where each request's earlier tokens are, which decisions rank against."""
@@ -210,7 +213,7 @@ class RoutingState(nn.Module):
             metadata = metadata.get(layer_name)
         if metadata is None:  # profiling and warm-up runs
             return
-        step = self.step = StepRouting.of(metadata, positions)
+        step = self.step = StepRouting.of(metadata, positions, self.router.routes_prompt)
         self._trace.clear()
         self._kept_all.clear()
         self.routes_step = self._has_routed_kinds(self._routes_prompts, self._routes_decodes)
@@ -220,14 +223,15 @@ class RoutingState(nn.Module):
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
         kinds of token (prompt, decode) whose target there is 0, e.g. decode steps of a
-        router that keeps decode tokens dense."""
+        router that keeps decode tokens dense, nor when its only prompts are too short to
+        route."""
         prompt_target, decode_target = self.router.targets(block)
         return self._has_routed_kinds(prompt_target > 0, decode_target > 0)
 
     def _has_routed_kinds(self, prompts_routed: bool, decodes_routed: bool) -> bool:
-        """Whether the step holds a kind of token (prompt, decode) that is routed."""
+        """Whether the step holds a kind of token (routed prompt, decode) that is routed."""
         step = self.step
-        return (prompts_routed and step.num_prompt > 0) or (decodes_routed and step.num_prompt < len(step.slots))
+        return (prompts_routed and step.num_routed_prompt > 0) or (decodes_routed and step.num_prompt < len(step.slots))
 
     def fold_scores(self, block: int, attn: nn.Module) -> None:
         """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`): before
