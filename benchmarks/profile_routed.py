@@ -21,6 +21,12 @@ timer inside them would be traced by the compiler.
 times instead what a block's linear layers cost for that many tokens (the
 model's own weights, every block, no engine): what a routed block can save by
 running fewer rows.
+
+    python benchmarks/profile_routed.py --router smollm2-135m-instruct-s30 --serving-steps 300
+
+times single engine steps as a server at a steady rate sees them: 16 requests
+decoding, then, 8 times, four decode-only steps and one step that adds a new
+prompt of that many tokens (median ms of each kind).
 """
 
 from __future__ import annotations
@@ -102,6 +108,35 @@ def linear_times(model: str, rows: list[int], repeats: int = 20) -> dict[int, fl
     return result
 
 
+def serving_steps(llm, token_ids: list[list[int]], prompt_tokens: int, running: int = 16) -> dict:
+    """Median ms of decode-only engine steps with `running` requests, and of steps that also
+    take a new prompt's `prompt_tokens` tokens."""
+    import statistics
+
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    for i in range(running):
+        engine.add_request(f"running-{i}", {"prompt_token_ids": token_ids[i][:100]},
+                           SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+
+    def step() -> float:
+        start = time.perf_counter()
+        engine.step()
+        return 1e3 * (time.perf_counter() - start)
+
+    for _ in range(6):  # their prompts, then steady decoding
+        step()
+    decode, with_prompt = [], []
+    for k in range(8):
+        decode += [step() for _ in range(4)]
+        engine.add_request(f"new-{k}", {"prompt_token_ids": token_ids[running + k][:prompt_tokens]},
+                           SamplingParams(max_tokens=1))
+        with_prompt.append(step())
+    return {"decode_ms": statistics.median(decode), "with_prompt_ms": statistics.median(with_prompt),
+            "decode_all": [round(t, 1) for t in decode], "with_prompt_all": [round(t, 1) for t in with_prompt]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -113,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: as throughput.py (bfloat16 where native, else float32)")
     p.add_argument("--linear-rows", nargs="+", type=int,
                    help="no engine: time every block's linear layers on this many tokens")
+    p.add_argument("--serving-steps", type=int, metavar="PROMPT_TOKENS",
+                   help="time decode-only steps and steps that add a prompt of this many tokens")
     p.add_argument("--json", help="write the per-repetition figures here")
     args = p.parse_args(argv)
     if args.linear_rows:
@@ -146,6 +183,13 @@ def main(argv=None) -> int:
     llm = LLM(**llm_args)
     prompts, params = throughput.workload_inputs(args.workload, AutoTokenizer.from_pretrained(folder))
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    if args.serving_steps:
+        steps = serving_steps(llm, [p["prompt_token_ids"] for p in prompts], args.serving_steps)
+        print(f"decode-only step {steps['decode_ms']:.1f} ms, step with a {args.serving_steps}-token prompt "
+              f"{steps['with_prompt_ms']:.1f} ms (medians)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "steps": steps}, indent=1))
+        return 0
     runs = []
     for rep in range(args.repeats):
         totals.clear()
