@@ -22,11 +22,13 @@ times instead what a block's linear layers cost for that many tokens (the
 model's own weights, every block, no engine): what a routed block can save by
 running fewer rows.
 
-    python benchmarks/profile_routed.py --router smollm2-135m-instruct-s30 --serving-steps 300
+    python benchmarks/profile_routed.py --router smollm2-135m-instruct-s30 --serving-steps 300 --repeats 3
 
-times single engine steps as a server at a steady rate sees them: 16 requests
-decoding, then, 8 times, four decode-only steps and one step that adds a new
-prompt of that many tokens (median ms of each kind).
+times single engine steps as a server at a steady rate sees them, stock
+against the router, each in an engine process of its own, interleaved as
+`throughput.py` runs its methods: 16 requests decoding, then, 8 times, four
+decode-only steps and one step that adds a new prompt of that many tokens
+(median ms of each kind, per repetition).
 """
 
 from __future__ import annotations
@@ -108,33 +110,48 @@ def linear_times(model: str, rows: list[int], repeats: int = 20) -> dict[int, fl
     return result
 
 
-def serving_steps(llm, token_ids: list[list[int]], prompt_tokens: int, running: int = 16) -> dict:
-    """Median ms of decode-only engine steps with `running` requests, and of steps that also
-    take a new prompt's `prompt_tokens` tokens."""
+def compare_serving_steps(args) -> int:
+    """`--serving-steps`: stock and the router (as `--keep-all` says), interleaved repetitions."""
     import statistics
+    import tempfile
 
-    from vllm import SamplingParams
+    import throughput
 
-    engine = llm.llm_engine
-    for i in range(running):
-        engine.add_request(f"running-{i}", {"prompt_token_ids": token_ids[i][:100]},
-                           SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    from ftp_vllm.checkpoint import resolve_router
+    from ftp_vllm.model_store import resolve_model
 
-    def step() -> float:
-        start = time.perf_counter()
-        engine.step()
-        return 1e3 * (time.perf_counter() - start)
-
-    for _ in range(6):  # their prompts, then steady decoding
-        step()
-    decode, with_prompt = [], []
-    for k in range(8):
-        decode += [step() for _ in range(4)]
-        engine.add_request(f"new-{k}", {"prompt_token_ids": token_ids[running + k][:prompt_tokens]},
-                           SamplingParams(max_tokens=1))
-        with_prompt.append(step())
-    return {"decode_ms": statistics.median(decode), "with_prompt_ms": statistics.median(with_prompt),
-            "decode_all": [round(t, 1) for t in decode], "with_prompt_all": [round(t, 1) for t in with_prompt]}
+    folder = resolve_model(args.model)
+    work = Path(tempfile.mkdtemp(prefix="ftp-steps-"))
+    base = {**throughput.engine_args(folder, args.dtype), "enforce_eager": args.mode == "eager"}
+    specs = [{"name": "stock", "method": "dense", "llm": base}]
+    for i, name in enumerate(([args.router] if args.router else []) + args.also):
+        if name == "stock":  # another stock engine: how far two engines of one method differ
+            specs.append({"name": f"stock ({i + 2})", "method": "dense", "llm": base})
+            continue
+        router = name
+        if args.keep_all:
+            router = throughput.keep_all_router(router, folder, work / f"keep-all-{i}")
+        specs.append({"name": f"ftp {name}" + (" keep-all" if args.keep_all else ""), "method": "ftp",
+                      "llm": {**base, **throughput.routed_overrides(resolve_router(router))}})
+    engines = [throughput.Engine(s, work / f"{i}.log") for i, s in enumerate(specs)]
+    results = {s["name"]: [] for s in specs}
+    try:
+        for rep in range(args.repeats):
+            for engine in engines if rep % 2 == 0 else engines[::-1]:
+                steps = engine.run(f"serving-steps {args.serving_steps}")
+                results[engine.spec["name"]].append(steps)
+                print(f"repetition {rep + 1}, {engine.spec['name']}: decode-only step {steps['decode_ms']:.1f} ms, "
+                      f"step with a {args.serving_steps}-token prompt {steps['with_prompt_ms']:.1f} ms", flush=True)
+    finally:
+        for engine in engines:
+            engine.close()
+    for name, runs in results.items():
+        print(f"{name}: medians over repetitions: decode-only {statistics.median(r['decode_ms'] for r in runs):.1f} ms, "
+              f"with prompt {statistics.median(r['with_prompt_ms'] for r in runs):.1f} ms")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -150,6 +167,9 @@ def main(argv=None) -> int:
                    help="no engine: time every block's linear layers on this many tokens")
     p.add_argument("--serving-steps", type=int, metavar="PROMPT_TOKENS",
                    help="time decode-only steps and steps that add a prompt of this many tokens")
+    p.add_argument("--also", nargs="*", default=[], metavar="ROUTER",
+                   help="with --serving-steps: more routers, each in an engine of its own ('stock': one more "
+                        "stock engine)")
     p.add_argument("--json", help="write the per-repetition figures here")
     args = p.parse_args(argv)
     if args.linear_rows:
@@ -161,6 +181,8 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).parent))
+    if args.serving_steps:
+        return compare_serving_steps(args)
     import tempfile
 
     import throughput
@@ -183,13 +205,6 @@ def main(argv=None) -> int:
     llm = LLM(**llm_args)
     prompts, params = throughput.workload_inputs(args.workload, AutoTokenizer.from_pretrained(folder))
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-    if args.serving_steps:
-        steps = serving_steps(llm, [p["prompt_token_ids"] for p in prompts], args.serving_steps)
-        print(f"decode-only step {steps['decode_ms']:.1f} ms, step with a {args.serving_steps}-token prompt "
-              f"{steps['with_prompt_ms']:.1f} ms (medians)")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "steps": steps}, indent=1))
-        return 0
     runs = []
     for rep in range(args.repeats):
         totals.clear()

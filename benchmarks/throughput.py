@@ -129,6 +129,10 @@ def worker(spec: dict) -> None:
     print("READY", flush=True)
     for line in sys.stdin:
         name = line.strip()
+        if name.startswith("serving-steps "):
+            ids = [p["prompt_token_ids"] for p in workload_inputs("prompt-heavy", tokenizer)[0]]
+            print("RESULT " + json.dumps(serving_steps(llm, ids, int(name.split()[1]))), flush=True)
+            continue
         prompts, params = workload_inputs(name, tokenizer)
         llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
         before = _stats(llm) if routed else None
@@ -142,6 +146,39 @@ def worker(spec: dict) -> None:
             "wall_s": wall, "requests": len(prompts), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
             "keep_rates": _keep_rates(before, after),
         }), flush=True)
+
+
+def serving_steps(llm, token_ids: list[list[int]], prompt_tokens: int, running: int = 16) -> dict:
+    """Median ms of decode-only engine steps with `running` requests, and of steps that also
+    take a new prompt's `prompt_tokens` tokens."""
+    import statistics
+
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    tag = time.monotonic_ns()  # request ids of this call
+    for i in range(running):
+        engine.add_request(f"running-{tag}-{i}", {"prompt_token_ids": token_ids[i][:100]},
+                           SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+
+    def step() -> float:
+        start = time.perf_counter()
+        engine.step()
+        return 1e3 * (time.perf_counter() - start)
+
+    for _ in range(6):  # their prompts, then steady decoding
+        step()
+    decode, with_prompt = [], []
+    for k in range(8):
+        decode += [step() for _ in range(4)]
+        engine.add_request(f"new-{tag}-{k}", {"prompt_token_ids": token_ids[running + k][:prompt_tokens]},
+                           SamplingParams(max_tokens=1))
+        with_prompt.append(step())
+    engine.abort_request([f"running-{tag}-{i}" for i in range(running)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"decode_ms": statistics.median(decode), "with_prompt_ms": statistics.median(with_prompt),
+            "decode_all": [round(t, 1) for t in decode], "with_prompt_all": [round(t, 1) for t in with_prompt]}
 
 
 def _stats(llm):
