@@ -110,6 +110,15 @@ def linear_times(model: str, rows: list[int], repeats: int = 20) -> dict[int, fl
     return result
 
 
+def router_checkpoint(name: str, keep_all: bool, model_folder, out: Path):
+    """Router `name`'s checkpoint folder or, with `keep_all`, the same router keeping every token, saved at `out`."""
+    import throughput
+
+    from ftp_vllm.checkpoint import resolve_router
+
+    return throughput.keep_all_router(name, model_folder, out) if keep_all else resolve_router(name)
+
+
 def compare_serving_steps(args) -> int:
     """`--serving-steps`: stock and the router (as `--keep-all` says), interleaved repetitions."""
     import statistics
@@ -117,7 +126,6 @@ def compare_serving_steps(args) -> int:
 
     import throughput
 
-    from ftp_vllm.checkpoint import resolve_router
     from ftp_vllm.model_store import resolve_model
 
     folder = resolve_model(args.model)
@@ -128,11 +136,9 @@ def compare_serving_steps(args) -> int:
         if name == "stock":  # another stock engine: how far two engines of one method differ
             specs.append({"name": f"stock ({i + 2})", "method": "dense", "llm": base})
             continue
-        router = name
-        if args.keep_all:
-            router = throughput.keep_all_router(router, folder, work / f"keep-all-{i}")
+        router = router_checkpoint(name, args.keep_all, folder, work / f"keep-all-{i}")
         specs.append({"name": f"ftp {name}" + (" keep-all" if args.keep_all else ""), "method": "ftp",
-                      "llm": {**base, **throughput.routed_overrides(resolve_router(router))}})
+                      "llm": {**base, **throughput.routed_overrides(router)}})
     engines = [throughput.Engine(s, work / f"{i}.log") for i, s in enumerate(specs)]
     results = {s["name"]: [] for s in specs}
     try:
@@ -189,7 +195,6 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from ftp_vllm.checkpoint import resolve_router
     from ftp_vllm.model_store import resolve_model
 
     throughput.engine_env(os.environ)  # the model in this process, under the timers
@@ -198,10 +203,9 @@ def main(argv=None) -> int:
     folder = resolve_model(args.model)
     llm_args = {**throughput.engine_args(folder, args.dtype), "enforce_eager": args.mode == "eager"}
     if args.router:
-        router = args.router
-        if args.keep_all:
-            router = throughput.keep_all_router(router, folder, Path(tempfile.mkdtemp(prefix="ftp-profile-")) / "keep-all")
-        llm_args.update(throughput.routed_overrides(resolve_router(router)))
+        router = router_checkpoint(args.router, args.keep_all, folder,
+                                   Path(tempfile.mkdtemp(prefix="ftp-profile-")) / "keep-all")
+        llm_args.update(throughput.routed_overrides(router))
     llm = LLM(**llm_args)
     prompts, params = throughput.workload_inputs(args.workload, AutoTokenizer.from_pretrained(folder))
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up

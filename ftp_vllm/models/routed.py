@@ -101,7 +101,8 @@ class StepRouting:
     block_table: Tensor  # [R, pages] the attention metadata's
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
-    num_routed_prompt: int  # of them, tokens of prompts long enough to route (`Router.routes_prompt`)
+    routed_prompt: Tensor  # [T] prompt tokens of prompts long enough to route (`Router.routes_prompt`)
+    num_routed_prompt: int  # their number
     # for decisions only (`with_context`): a step that routes nowhere skips them
     requests: Tensor | None = None  # [T] each token's request
     n_past: Tensor | None = None  # [R] each request's earlier tokens
@@ -116,9 +117,10 @@ class StepRouting:
         cu = metadata.query_start_loc[: num_reqs + 1]
         prompt_lens = torch.repeat_interleave(_StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
         is_prompt = positions[:num_tokens] < prompt_lens
+        routed_prompt = is_prompt & routes_prompt(prompt_lens)
         return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
                    block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()),
-                   num_routed_prompt=int((is_prompt & routes_prompt(prompt_lens)).sum()))
+                   routed_prompt=routed_prompt, num_routed_prompt=int(routed_prompt.sum()))
 
     def with_context(self, metadata, block_size: int) -> None:
         """Where each request's earlier tokens are, which decisions rank against."""
@@ -132,17 +134,14 @@ class StepRouting:
         """The requests holding a `routable` token [T], with their past, as one batch to
         decide on; the other requests' tokens are kept whatever their logits."""
         cu, n_past = self.cu_seqlens, self.n_past
-        chosen = torch.zeros(len(n_past), dtype=torch.int32, device=cu.device).index_add_(
-            0, self.requests, routable.int()) > 0
+        picked = (torch.zeros(len(n_past), dtype=torch.int32, device=cu.device).index_add_(
+            0, self.requests, routable.int()) > 0).nonzero().squeeze(1)
         tokens = None
-        if not bool(chosen.all()):
-            picked = chosen.nonzero().squeeze(1)
+        if len(picked) < len(n_past):
             lengths = (cu[1:] - cu[:-1])[picked]
             cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
             tokens = self.cu_seqlens[picked][request_ids(cu)] + local_index(cu)
             n_past = n_past[picked]
-        else:
-            picked = torch.arange(len(n_past), device=cu.device)
         past_cu = torch.cat([n_past.new_zeros(1), n_past.cumsum(0)])
         rid, pos = request_ids(past_cu), local_index(past_cu)
         block_table, block_size = self.context
@@ -300,9 +299,7 @@ class RoutingState(nn.Module):
         prompt_target, decode_target = self.router.targets(block)
         kinds = (prompt_target > 0, decode_target > 0)
         if kinds not in step.batches:
-            routable = torch.zeros_like(step.is_prompt)
-            if kinds[0]:
-                routable |= step.is_prompt & self.router.routes_prompt(step.prompt_lens)
+            routable = step.routed_prompt.clone() if kinds[0] else torch.zeros_like(step.is_prompt)
             if kinds[1]:
                 routable |= ~step.is_prompt
             step.batches[kinds] = step.decision_batch(routable)
