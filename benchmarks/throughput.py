@@ -10,7 +10,9 @@ token: the routed layers' simple path; not run by default), and `shortgpt`
 first router's target) - each in its own engine process, all of one mode alive
 at once, so that the workloads run interleaved: every repetition runs every
 method on the workload before the next workload starts.  Modes run one after
-the other (engines of both may not fit in memory).
+the other (engines of both may not fit in memory).  `--restart` starts fresh
+engines for every repetition, so that what an engine process got at start
+averages out over repetitions too.
 Workloads (`vllm bench throughput` style; real text, token ids of exact
 lengths, `ignore_eos`):
 
@@ -266,6 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                    help="eager (--enforce-eager) and/or vLLM's default compiled mode; every method runs in each")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--restart", action="store_true",
+                   help="fresh engines for every repetition: an engine keeps what it got at start (memory "
+                        "placement, for one) for as long as it lives, which repeating on one engine does not average")
     p.add_argument("--dtype", default=None, help="default: bfloat16 where native (GPU, AVX-512 BF16, AMX), else float32")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--plot", help="PNG path (default: next to --json)")
@@ -330,19 +335,21 @@ def main(argv=None) -> int:
     print(f"engine logs in {work}", flush=True)
     for mode in args.modes:  # one mode's engines at a time: all of them at once may not fit in memory
         group = [s for s in specs if s["mode"] == mode]
-        engines = {s["name"]: Engine(s, work / (re.sub(r"[^\w.-]+", "_", s["name"]) + ".log"))
-                   for s in tqdm(group, desc=f"{mode} engines")}
-        try:
-            with tqdm(total=args.repeats * len(args.workloads) * len(group), desc=f"{mode} runs") as bar:
-                for rep in range(args.repeats):
-                    for wl in args.workloads:
-                        order = group if rep % 2 == 0 else group[::-1]  # alternate the order between repetitions
-                        for s in order:
-                            runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
-                            bar.update(1)
-        finally:
-            for e in engines.values():
-                e.close()
+        lifetimes = [[rep] for rep in range(args.repeats)] if args.restart else [list(range(args.repeats))]
+        with tqdm(total=args.repeats * len(args.workloads) * len(group), desc=f"{mode} runs") as bar:
+            for reps in lifetimes:
+                engines = {s["name"]: Engine(s, work / (re.sub(r"[^\w.-]+", "_", s["name"]) + f"-{reps[0]}.log"))
+                           for s in tqdm(group, desc=f"{mode} engines", leave=False)}
+                try:
+                    for rep in reps:
+                        for wl in args.workloads:
+                            order = group if rep % 2 == 0 else group[::-1]  # alternate the order between repetitions
+                            for s in order:
+                                runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
+                                bar.update(1)
+                finally:
+                    for e in engines.values():
+                        e.close()
 
     results = []
     for wl in args.workloads:
@@ -397,6 +404,7 @@ def main(argv=None) -> int:
 
     print_table(results)
     out = {"results": results, "settings": {"model": args.model, "dtype": args.dtype, "repeats": args.repeats,
+                                            "restart": args.restart,
                                             "engine": {k: v for k, v in base.items() if k not in ("model", "tokenizer")},
                                             "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
            "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])}
