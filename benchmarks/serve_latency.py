@@ -48,7 +48,12 @@ def shared_memory_args(serve_args: list[str], servers: int) -> list[str]:
 def summary_rows(runs: list[dict]) -> list[dict]:
     """Per server and rate: medians over rounds of each percentile, and the median over rounds
     of each p50's ratio to the stock server's p50 in the same round."""
+    def median(values):  # None where no request of any round completed
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 4) if values else None
+
     out = []
+    dense = {(r["rate"], r["round"]): r for r in runs if r["method"] == "dense"}
     keys = sorted({(r["method"], r["router"] or "", r["rate"]) for r in runs}, key=lambda k: (k[2], k[0] != "dense", k[1]))
     for method, router, rate in keys:
         mine = [r for r in runs if (r["method"], r["router"] or "", r["rate"]) == (method, router, rate)]
@@ -56,13 +61,9 @@ def summary_rows(runs: list[dict]) -> list[dict]:
                "failed": sum(r["failed"] for r in mine),
                "output_tok_per_s": statistics.median(r["output_tok_per_s"] for r in mine)}
         for m in METRICS:
-            row[m] = {p: round(statistics.median(r[m][p] for r in mine if r[m][p] is not None), 4)
-                      for p in ("p50", "p90", "p99") if any(r[m][p] is not None for r in mine)}
-            ratios = []
-            for r in mine:
-                dense = [d for d in runs if d["method"] == "dense" and d["rate"] == rate and d["round"] == r["round"]]
-                if dense and dense[0][m]["p50"] and r[m]["p50"] is not None:
-                    ratios.append(r[m]["p50"] / dense[0][m]["p50"])
+            row[m] = {p: median(r[m][p] for r in mine) for p in ("p50", "p90", "p99")}
+            stock = [(r[m]["p50"], dense[rate, r["round"]][m]["p50"]) for r in mine if (rate, r["round"]) in dense]
+            ratios = [x / d for x, d in stock if x is not None and d]
             if ratios:
                 row[f"{m[:-2]}_p50_ratio_to_dense"] = round(statistics.median(ratios), 3)
                 row[f"{m[:-2]}_p50_ratios_by_round"] = [round(x, 3) for x in ratios]
