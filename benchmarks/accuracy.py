@@ -66,8 +66,8 @@ import torch
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
 from ftp_vllm.evaluation import (
     CHANCE, ROUTED, ContinuationSums, Method, SkipCounter, calibration_block_influence, cloze_items, cloze_scores,
-    continuation_pass, random_rule, retention, shortgpt_prompt_rule, shortgpt_rule, static_rule, uniform_schedule,
-    wilson_interval,
+    continuation_pass, paired_retention_interval, random_rule, retention, shortgpt_prompt_rule, shortgpt_rule,
+    static_rule, uniform_schedule, wilson_interval,
 )
 from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
 from ftp_vllm.reference import RoutedModel, shortgpt_blocks
@@ -201,9 +201,10 @@ def run(args) -> dict:
         for batch in item_batches:
             scores.append(cloze_scores(model, method, batch, cloze_counter))
             bar.update(1)
-        correct = int((torch.cat(scores).argmax(-1) == answers).sum())
-        row = result_row(method, sums.metrics(), correct, len(items), cont_counter + cloze_counter,
+        item_correct = torch.cat(scores).argmax(-1) == answers
+        row = result_row(method, sums.metrics(), int(item_correct.sum()), len(items), cont_counter + cloze_counter,
                          time.perf_counter() - t0)
+        row["cloze_correct"] = "".join("01"[int(c)] for c in item_correct)
         row["sparsity_continuation"], row["sparsity_cloze"] = cont_counter.share(), cloze_counter.share()
         # prompts of the calibration length (continuation) and short cloze contexts apart: the always-kept
         # first and last tokens weigh more in a short prompt, so it skips less than its target
@@ -259,19 +260,23 @@ def result_row(method: Method, cont: dict, correct: int, n: int, counter: SkipCo
 
 
 def add_ratios(rows: list[dict]) -> None:
+    """Ratios to the dense row; cloze retention with a paired 95% interval (the same items)."""
     dense = next(r for r in rows if r["method"] == "dense")
+    bits = lambda r: torch.tensor([c == "1" for c in r["cloze_correct"]])  # noqa: E731
     for r in rows:
         r["ppl_ratio"] = r["ppl"] / dense["ppl"]
         r["ppl_retention"] = dense["ppl"] / r["ppl"]
         r["cloze_retention"] = retention(r["cloze_acc"], dense["cloze_acc"])
         r["cloze_above_chance_retention"] = retention(r["cloze_acc"], dense["cloze_acc"], CHANCE)
+        r["cloze_retention_ci95_paired"] = paired_retention_interval(bits(r), bits(dense))
+        r["cloze_above_chance_retention_ci95_paired"] = paired_retention_interval(bits(r), bits(dense), CHANCE)
 
 
 # ---- output ------------------------------------------------------------------------
 
 def format_table(rows: list[dict]) -> str:
     head = ("method", "router / matched", "sparsity p (routed)/d/all", "ppl", "ratio", "top1", "KL", "full-seq ppl*",
-            "cloze acc [95% CI]", "retention", "above-chance")
+            "cloze acc [95% CI]", "retention [paired 95% CI]", "above-chance")
     lines = [head]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     for r in rows:
@@ -282,7 +287,8 @@ def format_table(rows: list[dict]) -> str:
             f"{pct(r['sparsity'])}",
             f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl']:.3f}",
             f"{r['full_seq_ppl']:.1f}", f"{100 * r['cloze_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
-            f"{r['cloze_retention']:.3f}", f"{r['cloze_above_chance_retention']:.3f}",
+            "{:.3f} [{:.3f}, {:.3f}]".format(r["cloze_retention"], *r["cloze_retention_ci95_paired"]),
+            f"{r['cloze_above_chance_retention']:.3f}",
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]

@@ -49,7 +49,8 @@ def _rescale(args) -> None:
 
     from .pipeline import format_summary, rescale_router
 
-    folder, config = rescale_router(args.router, args.sparsity, args.out, command="ftp-vllm " + shlex.join(args.argv))
+    folder, config = rescale_router(args.router, args.sparsity, args.out, command="ftp-vllm " + shlex.join(args.argv),
+                                    search_generations=args.search_generations, progress=args.progress)
     print(format_summary(folder, config))
 
 
@@ -69,6 +70,7 @@ def _add_train_parser(sub) -> None:
         ("guide_fit_steps", "warm-start steps on the guide loss"),
         ("min_prompt", "prompts shorter than this many tokens are served dense"), ("chunk_len", "tokens per text chunk"),
         ("context", "routed prompt tokens of a scored chunk; the rest is the continuation"),
+        ("short_context", "the schedule search also scores search chunks cut into prompts this short; 0: not"),
         ("search_chunks", "calibration chunks scored by the schedule search"),
         ("calib_chunks", "calibration chunks for router inputs and thresholds"),
         ("train_chunks", "calibration chunks for training"), ("eval_chunks", "held-out evaluation chunks"),
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("router", help="router checkpoint folder or shipped name")
     p.add_argument("--sparsity", type=float, required=True, help="overall target: mean per-block prompt sparsity")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--search-generations", type=int, default=0,
+                   help="search the scaled schedule further with the router for this many generations (0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_rescale)
     return parser
 

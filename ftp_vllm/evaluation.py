@@ -393,3 +393,19 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 def retention(value: float, dense: float, floor: float = 0.0) -> float:
     """(value - floor) / (dense - floor): share of the dense model's score (above `floor`) kept."""
     return (value - floor) / (dense - floor) if dense != floor else float("nan")
+
+
+def paired_retention_interval(correct: Tensor, dense_correct: Tensor, floor: float = 0.0, samples: int = 2000,
+                              seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of `retention` when both models answered the same items (bool [N]
+    each): items are resampled together, so the interval reflects only where the two disagree,
+    much narrower than two separate accuracy intervals would suggest."""
+    n = len(correct)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    idx = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed))
+    acc, dense = correct.float()[idx].mean(1), dense_correct.float()[idx].mean(1)
+    ratios = ((acc - floor) / (dense - floor))[dense != floor].sort().values  # a resample at the floor has none
+    if not len(ratios):
+        return (float("nan"), float("nan"))
+    return (float(ratios[int(0.025 * (len(ratios) - 1))]), float(ratios[int(0.975 * (len(ratios) - 1))]))

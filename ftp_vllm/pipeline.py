@@ -41,7 +41,7 @@ from .reference import (
 )
 from .schedule import (
     ContinuationBatch, continuation_logprobs, genetic_search, kl_and_nll, router_fitness, scaled_schedule,
-    static_fitness,
+    static_fitness, summed,
 )
 from .texts import python_version, token_chunks
 
@@ -63,6 +63,7 @@ class TrainSettings:
     guide_decay: float = 0.5
     chunk_len: int = 256
     context: int = 224  # prompt part of an evaluation chunk; the rest is the scored continuation
+    short_context: int = 64  # the search also scores prompts this short (0: full-length prompts only)
     search_chunks: int = 6
     calib_chunks: int = 16
     train_chunks: int = 48
@@ -85,9 +86,23 @@ def calibration_split(tokenizer, s: TrainSettings) -> tuple[ContinuationBatch, C
     return search, calib, cal[s.search_chunks + s.calib_chunks:]
 
 
+def search_batches(search_text: ContinuationBatch, s: TrainSettings) -> list[ContinuationBatch]:
+    """What the schedule search scores: the search chunks as full-length prompts, and cut into
+    `short_context`-token prompts."""
+    return [search_text, *([search_text.short_windows(s.short_context)] if s.short_context else [])]
+
+
 def evaluation_split(tokenizer, s: TrainSettings) -> ContinuationBatch:
     """The held-out chunks training reports its quality and realised sparsity on."""
     return ContinuationBatch.of(token_chunks(tokenizer, "evaluation", s.chunk_len, s.eval_chunks, s.seed), s.context)
+
+
+def search_description(s: TrainSettings) -> str:
+    text = (f"mean KL(dense || pruned) over the {s.chunk_len - s.context} continuation tokens of "
+            f"{s.search_chunks} calibration chunks after a {s.context}-token routed prompt")
+    if s.short_context:
+        text += f", plus the same over those chunks cut into windows with a {s.short_context}-token routed prompt"
+    return text
 
 
 def _stage(log: dict, name: str, start: float) -> float:
@@ -118,8 +133,9 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     search_args = dict(upper=s.upper, step=s.step, population=s.population, seed=s.seed, progress=s.progress)
     start = _stage(stages, "load", start)
 
-    static = genetic_search(static_fitness(model, search_text), B, s.sparsity, generations=s.generations,
-                            desc="schedule search (static router)", **search_args)
+    searched = search_batches(search_text, s)
+    static = genetic_search(summed([static_fitness(model, b) for b in searched]), B, s.sparsity,
+                            generations=s.generations, desc="schedule search (static router)", **search_args)
     start = _stage(stages, "static_search", start)
 
     router = model.new_router(min_prompt=s.min_prompt, short_lengths=short_prompt_lengths(s.min_prompt, s.context),
@@ -137,7 +153,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
                            guide_decay=s.guide_decay, progress=s.progress,
                            mode="train-calibrated" if s.gate == "calibrated" else "train")
-    fitness = router_fitness(model, router, search_text, decode_of)
+    fitness = summed([router_fitness(model, router, b, decode_of) for b in searched])
     trained_kl = fitness(static.schedule)
     trained = {k: v.clone() for k, v in router.mlp.state_dict().items()}
     router.mlp.load_state_dict(warm)
@@ -148,7 +164,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                  "kept": chosen, "guide_fit_loss": round(guide_fit, 5)}
     start = _stage(stages, "training", start)
 
-    tuned = genetic_search(router_fitness(model, router, search_text, decode_of), B, s.sparsity,
+    tuned = genetic_search(fitness, B, s.sparsity,
                            generations=s.router_generations, initial=[static.schedule],
                            desc="schedule search (trained router)", **{**search_args, "seed": s.seed + 1})
     router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
@@ -161,8 +177,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         "base_model": {"name": s.model if "/" not in s.model else Path(folder).name, **fingerprint(folder)},
         **reached,
         "search": {
-            "fitness": f"mean KL(dense || pruned) over the {s.chunk_len - s.context} continuation tokens of "
-                       f"{s.search_chunks} calibration chunks after a {s.context}-token routed prompt",
+            "fitness": search_description(s),
             "static_router": {"schedule": static.schedule, "fitness": static.fitness,
                               "uniform_fitness": static.uniform_fitness, "evaluations": static.evaluations,
                               "best_per_generation": static.best_per_generation},
@@ -259,8 +274,8 @@ def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch
 
 
 def _training_text(folder, config: dict, what: str):
-    """(settings, model, calibration text, held-out text) of the training that made a checkpoint,
-    rebuilt from the settings it recorded: what it is calibrated again on."""
+    """(settings, model, search text, calibration text, held-out text) of the training that made a
+    checkpoint, rebuilt from the settings it recorded: what it is searched and calibrated again on."""
     from transformers import AutoTokenizer
 
     from .checkpoint import check_compatible
@@ -275,21 +290,23 @@ def _training_text(folder, config: dict, what: str):
     check_compatible(config, model_folder)
     model = RoutedModel.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    _, calib_text, _ = calibration_split(tokenizer, settings)
-    return settings, model, calib_text, evaluation_split(tokenizer, settings)
+    search_text, calib_text, _ = calibration_split(tokenizer, settings)
+    return settings, model, search_text, calib_text, evaluation_split(tokenizer, settings)
 
 
-def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command: str = "") -> tuple[Path, dict]:
+def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command: str = "",
+                   search_generations: int = 0, progress: bool = True) -> tuple[Path, dict]:
     """A router at another overall sparsity from a trained one: its MLP and feature statistics
-    kept, its per-block schedule scaled to the new mean (decode in proportion), its thresholds
-    calibrated again on the calibration text its training used, and held-out quality and
-    realised sparsity measured as training measures them.  A schedule searched at one target
-    can serve a nearby one better than a fresh search on the few calibration chunks the search
-    scores (README: the 22% router)."""
+    kept, its per-block schedule scaled to the new mean (decode in proportion) and, with
+    `search_generations`, searched further from there with the router as training's second
+    search does; its thresholds calibrated again on the calibration text its training used, and
+    held-out quality and realised sparsity measured as training measures them.  A schedule
+    searched at one target can serve a nearby one better than a fresh search on the few
+    calibration chunks the search scores (README: the 22% router)."""
     source, config = load_checkpoint(folder)
     if not 0 < sparsity < 1:
         raise CheckpointError(f"target sparsity {sparsity} is not in (0, 1)")
-    _, model, calib_text, eval_text = _training_text(folder, config, "rescaled thresholds")
+    settings, model, search_text, calib_text, eval_text = _training_text(folder, config, "rescaled thresholds")
     prompt, decode = source.sparsity.tolist(), source.decode_sparsity.tolist()
     ratio = sparsity / (sum(prompt) / len(prompt))
     over = [b for b, s in enumerate(map(max, prompt, decode)) if s * ratio > 1]
@@ -299,11 +316,24 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     router = model.new_router(min_prompt=source.min_prompt, short_lengths=source.short_lengths,
                               threshold_length=source.threshold_length)
     router.load_state_dict(source.state_dict())
-    router.set_schedule(scaled_schedule(prompt, sparsity), scaled_schedule(decode, ratio * sum(decode) / len(decode)))
+    decode_mean = ratio * sum(decode) / len(decode)
+    router.set_schedule(scaled_schedule(prompt, sparsity), scaled_schedule(decode, decode_mean))
+    rescaled = {"from": str(folder), "from_target_sparsity": config.get("target_sparsity"), "command": command}
+    if search_generations:
+        decode_of = lambda sched: scaled_schedule(sched, decode_mean)  # noqa: E731
+        fitness = summed([router_fitness(model, router, b, decode_of) for b in search_batches(search_text, settings)])
+        scaled_kl = fitness(router.sparsity.tolist())
+        found = genetic_search(fitness, router.num_blocks, sparsity, upper=settings.upper, step=settings.step,
+                               population=settings.population, generations=search_generations,
+                               seed=settings.seed + 1, initial=[router.sparsity.tolist()], progress=progress,
+                               desc="schedule search (rescaled router)")
+        router.set_schedule(found.schedule, decode_of(found.schedule))
+        rescaled["search"] = {"fitness": search_description(settings), "schedule": found.schedule,
+                              "fitness_value": found.fitness, "scaled_fitness": scaled_kl,
+                              "evaluations": found.evaluations, "best_per_generation": found.best_per_generation}
     reached = calibrate_and_measure(model, router, calib_text, eval_text)
     kept = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule", *reached)}
-    kept["training"] = {**config["training"], "rescaled": {
-        "from": str(folder), "from_target_sparsity": config.get("target_sparsity"), "command": command}}
+    kept["training"] = {**config["training"], "rescaled": rescaled}
     target = save_checkpoint(out, router, {**kept, **reached})
     return target, load_checkpoint(target)[1]
 
@@ -314,7 +344,7 @@ def add_short_thresholds(folder: str | Path, out: str | Path | None = None, comm
     from .checkpoint import resolve_router
 
     old, config = load_checkpoint(folder)
-    settings, model, calib_text, eval_text = _training_text(folder, config, "short-prompt thresholds")
+    settings, model, _, calib_text, eval_text = _training_text(folder, config, "short-prompt thresholds")
     router = model.new_router(min_prompt=old.min_prompt,
                               short_lengths=short_prompt_lengths(old.min_prompt, settings.context),
                               threshold_length=settings.context)

@@ -12,7 +12,9 @@ each calibration chunk's first `context` tokens are routed as a prompt, the
 rest are scored as a continuation under the decode rule, and the score is the
 mean KL(dense || pruned) of the continuation's next-token distributions.
 Full-sequence perplexity would mostly measure skipped prompt tokens' own
-predictions, which serving never uses.
+predictions, which serving never uses.  The same chunks cut into short prompts
+(`ContinuationBatch.short_windows`) add their KL to it: a schedule searched on
+long prompts alone served the shortest routed ones (64 tokens) worse.
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ class ContinuationBatch:
         """The prompt parts [N, context] of the chunks."""
         return self.input_ids.view(len(self.prompt_lens), -1)[:, : int(self.prompt_lens[0])]
 
+    def short_windows(self, context: int) -> ContinuationBatch:
+        """The chunks cut into windows of a `context`-token prompt and the same continuation:
+        how the shortest routed prompts fare, where an always-kept token weighs most and a
+        skipped one leaves a later token less to attend to."""
+        chunks = self.input_ids.view(len(self.prompt_lens), -1)
+        length = context + chunks.shape[1] - int(self.prompt_lens[0])
+        if not 0 < context < length <= chunks.shape[1]:
+            raise ValueError(f"no {context}-token prompt and continuation fit in {chunks.shape[1]}-token chunks")
+        return ContinuationBatch.of(chunks[:, : chunks.shape[1] // length * length].reshape(-1, length), context)
+
 
 @torch.no_grad()
 def continuation_logprobs(model: RoutedModel, batch: ContinuationBatch, **routing) -> Tensor:
@@ -103,6 +115,11 @@ def router_fitness(
         return kl_and_nll(continuation_logprobs(model, batch, router=router, mode="calibrate"), dense, batch.targets)[0]
 
     return fitness
+
+
+def summed(fitnesses: Sequence[Fitness]) -> Fitness:
+    """One fitness from several batches (full-length and short prompts): the sum of their KLs."""
+    return lambda schedule: sum(f(schedule) for f in fitnesses)
 
 
 def scaled_schedule(schedule: Sequence[float], mean: float) -> list[float]:

@@ -143,6 +143,18 @@ def test_wilson_interval_and_retention():
     assert E.retention(0.6, 0.6) == 1.0 and E.retention(0.25, 0.6, E.CHANCE) == 0.0
 
 
+def test_paired_retention_interval_counts_only_disagreements():
+    dense = torch.arange(1000) % 10 < 6  # 60% right
+    assert E.paired_retention_interval(dense, dense) == (1.0, 1.0)
+    pruned = dense.clone()
+    pruned[torch.arange(0, 1000, 50)] = False  # 20 of the dense model's right answers lost: retention 0.967
+    lo, hi = E.paired_retention_interval(pruned, dense)
+    assert lo < E.retention(0.58, 0.6) < hi < 1.0
+    wilson = E.wilson_interval(580, 1000)
+    assert hi - lo < (wilson[1] - wilson[0]) / 0.6 / 2  # far narrower than unpaired intervals
+    assert E.paired_retention_interval(pruned, dense, seed=1) != (lo, hi)
+
+
 def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(PROSE) + "\n")
@@ -163,10 +175,13 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
                     "sparsity_continuation", "sparsity_cloze", "sparsity_prompt_routed"):
             assert key in r, key
         assert isinstance(r["sparsity"], float) and r["cloze_items"] == 10
+        assert len(r["cloze_correct"]) == 10 and r["cloze_correct"].count("1") == round(10 * r["cloze_acc"])
+        lo, hi = r["cloze_retention_ci95_paired"]
+        assert lo <= r["cloze_retention"] <= hi
     dense, ftp = rows[0], rows[1]
     assert dense["router"] is None and dense["sparsity"] == 0.0
     assert dense["ppl_ratio"] == 1.0 and dense["cloze_retention"] == 1.0 and dense["top1_agreement"] == 1.0
-    assert dense["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["cloze_retention_ci95_paired"] == [1.0, 1.0]
     assert ftp["router"] == "tiny-s20" and ftp["sparsity_prompt"] > 0 and "sparsity_within_1pt" in ftp
     assert ftp["sparsity_prompt_routed"] >= ftp["sparsity_prompt"]  # dense short prompts only dilute the share
     assert rows[2]["dropped_blocks"] and rows[2]["sparsity"] == pytest.approx(len(rows[2]["dropped_blocks"]) / 4)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint
@@ -6,7 +7,7 @@ from ftp_vllm.cli import main
 TINY_SETTINGS = [
     "--steps", "3", "--chunk-len", "32", "--context", "24", "--search-chunks", "1", "--calib-chunks", "2",
     "--train-chunks", "2", "--eval-chunks", "2", "--population", "4", "--generations", "2",
-    "--router-generations", "2", "--min-prompt", "0", "--no-progress",
+    "--router-generations", "2", "--min-prompt", "0", "--short-context", "8", "--no-progress",
 ]
 
 
@@ -20,6 +21,7 @@ def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert abs(router.sparsity.mean().item() - 0.3) < 1e-6 and abs(router.decode_sparsity.mean().item() - 0.15) < 1e-6
     assert config["target_sparsity"] == 0.3 and config["decode_target_sparsity"] == 0.15
     assert config["training"]["command"].startswith("ftp-vllm train --model")
+    assert "8-token routed prompt" in config["search"]["fitness"]
     assert len(config["training"]["loss"]) == 4 and config["quality"]["routed"]["ppl_ratio_to_dense"] > 0
     selection = config["training"]["selection"]
     assert selection["kept"] in ("trained", "warm start") and set(selection["search_text_continuation_kl"]) == {"warm start", "trained"}
@@ -79,6 +81,19 @@ def test_rescale_cli_scales_the_schedule_and_calibrates_again(tiny_llama, tmp_pa
     assert not torch.equal(router.threshold_prompt, source.threshold_prompt)
     assert config["training"]["rescaled"]["from_target_sparsity"] == 0.3
     assert config["training"]["rescaled"]["command"].startswith("ftp-vllm rescale")
+    # searched further from the scaled schedule: the mean still the target, never worse than scaled
+    assert main(["rescale", str(out), "--sparsity", "0.2", "--search-generations", "2", "--no-progress",
+                 "--out", str(tmp_path / "s20-searched")]) == 0
+    searched, config = load_checkpoint(tmp_path / "s20-searched")
+    search = config["training"]["rescaled"]["search"]
+    assert abs(searched.sparsity.mean().item() - 0.2) < 1e-6 and searched.sparsity.tolist() == pytest.approx(search["schedule"])
+    assert search["fitness_value"] <= search["scaled_fitness"] + 1e-6 and "8-token routed prompt" in search["fitness"]
+    assert abs(searched.decode_sparsity.mean().item() - 0.1) < 1e-6
     # a target the schedule cannot reach: a clear error, nothing written
-    assert main(["rescale", str(out), "--sparsity", "0.9", "--out", str(tmp_path / "s90")]) == 2
+    from .conftest import save_changed_router
+
+    uneven, source_config = load_checkpoint(out)
+    uneven.set_schedule([0.0, 0.6, 0.6, 0.0], [0.0, 0.3, 0.3, 0.0])
+    save_changed_router(uneven, source_config, tmp_path / "uneven")
+    assert main(["rescale", str(tmp_path / "uneven"), "--sparsity", "0.9", "--out", str(tmp_path / "s90")]) == 2
     assert "cannot be scaled to 0.9" in capsys.readouterr().err and not (tmp_path / "s90").exists()

@@ -50,3 +50,12 @@ def test_continuation_batch_scores_the_continuation():
     b = ContinuationBatch.of(chunks, context=7)
     assert b.cu_seqlens.tolist() == [0, 10, 20] and b.prompt_lens.tolist() == [7, 7]
     assert b.scored.tolist() == [6, 7, 8, 16, 17, 18] and b.targets.tolist() == [7, 8, 9, 17, 18, 19]
+
+
+def test_short_windows_keep_the_continuation_length():
+    b = ContinuationBatch.of(torch.arange(40).view(2, 20), context=17).short_windows(4)
+    assert b.cu_seqlens.tolist() == [0, 7, 14, 21, 28] and b.prompt_lens.tolist() == [4] * 4  # 2 per chunk
+    assert b.input_ids[7:14].tolist() == list(range(7, 14)) and b.input_ids[14:21].tolist() == list(range(20, 27))
+    assert b.targets.tolist()[:3] == [4, 5, 6]
+    with pytest.raises(ValueError, match="no 18-token prompt"):
+        ContinuationBatch.of(torch.arange(40).view(2, 20), context=17).short_windows(18)
