@@ -13,8 +13,8 @@ rest are scored as a continuation under the decode rule, and the score is the
 mean KL(dense || pruned) of the continuation's next-token distributions.
 Full-sequence perplexity would mostly measure skipped prompt tokens' own
 predictions, which serving never uses.  The same chunks cut into short prompts
-(`ContinuationBatch.short_windows`) add their KL to it: a schedule searched on
-long prompts alone served the shortest routed ones (64 tokens) worse.
+(`ContinuationBatch.short_windows`) can add their KL to it, so the search also
+sees the shortest routed prompts (64 tokens), the length a cloze context has.
 """
 
 from __future__ import annotations
