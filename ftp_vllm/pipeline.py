@@ -40,8 +40,8 @@ from .reference import (
     short_prompt_lengths, static_keep,
 )
 from .schedule import (
-    ContinuationBatch, continuation_logprobs, genetic_search, kl_and_nll, router_fitness, scaled_schedule,
-    static_fitness, summed,
+    ContinuationBatch, Fitness, SearchResult, continuation_logprobs, genetic_search, kl_and_nll, router_fitness,
+    scaled_schedule, static_fitness, summed,
 )
 from .texts import python_version, token_chunks
 
@@ -105,6 +105,20 @@ def search_description(s: TrainSettings) -> str:
     return text
 
 
+def searched_fitness(model: RoutedModel, router, searched: list[ContinuationBatch], decode_of) -> Fitness:
+    """KL to the dense model, summed over the search batches, of `router` under a candidate
+    prompt schedule (decode schedule `decode_of(schedule)`): the second search's fitness."""
+    return summed([router_fitness(model, router, b, decode_of) for b in searched])
+
+
+def router_search(fitness: Fitness, s: TrainSettings, sparsity: float, generations: int,
+                  initial: list[float], desc: str, progress: bool) -> SearchResult:
+    """The schedule search with a trained router, seeded with the schedule it was trained or
+    scaled under; shared by training and `rescale_router` so both search the same space."""
+    return genetic_search(fitness, len(initial), sparsity, upper=s.upper, step=s.step, population=s.population,
+                          generations=generations, seed=s.seed + 1, initial=[initial], progress=progress, desc=desc)
+
+
 def _stage(log: dict, name: str, start: float) -> float:
     now = time.perf_counter()
     log[name] = round(now - start, 1)
@@ -153,7 +167,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
                            guide_decay=s.guide_decay, progress=s.progress,
                            mode="train-calibrated" if s.gate == "calibrated" else "train")
-    fitness = summed([router_fitness(model, router, b, decode_of) for b in searched])
+    fitness = searched_fitness(model, router, searched, decode_of)
     trained_kl = fitness(static.schedule)
     trained = {k: v.clone() for k, v in router.mlp.state_dict().items()}
     router.mlp.load_state_dict(warm)
@@ -164,9 +178,8 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                  "kept": chosen, "guide_fit_loss": round(guide_fit, 5)}
     start = _stage(stages, "training", start)
 
-    tuned = genetic_search(fitness, B, s.sparsity,
-                           generations=s.router_generations, initial=[static.schedule],
-                           desc="schedule search (trained router)", **{**search_args, "seed": s.seed + 1})
+    tuned = router_search(fitness, s, s.sparsity, s.router_generations, static.schedule,
+                          "schedule search (trained router)", s.progress)
     router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
     start = _stage(stages, "router_search", start)
 
@@ -178,12 +191,8 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         **reached,
         "search": {
             "fitness": search_description(s),
-            "static_router": {"schedule": static.schedule, "fitness": static.fitness,
-                              "uniform_fitness": static.uniform_fitness, "evaluations": static.evaluations,
-                              "best_per_generation": static.best_per_generation},
-            "trained_router": {"schedule": tuned.schedule, "fitness": tuned.fitness,
-                               "uniform_fitness": tuned.uniform_fitness, "evaluations": tuned.evaluations,
-                               "best_per_generation": tuned.best_per_generation},
+            "static_router": asdict(static),
+            "trained_router": asdict(tuned),
         },
         "training": {
             "command": command,
@@ -303,6 +312,7 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     held-out quality and realised sparsity measured as training measures them.  A schedule
     searched at one target can serve a nearby one better than a fresh search on the few
     calibration chunks the search scores (README: the 22% router)."""
+    t0 = time.perf_counter()
     source, config = load_checkpoint(folder)
     if not 0 < sparsity < 1:
         raise CheckpointError(f"target sparsity {sparsity} is not in (0, 1)")
@@ -321,18 +331,17 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     rescaled = {"from": str(folder), "from_target_sparsity": config.get("target_sparsity"), "command": command}
     if search_generations:
         decode_of = lambda sched: scaled_schedule(sched, decode_mean)  # noqa: E731
-        fitness = summed([router_fitness(model, router, b, decode_of) for b in search_batches(search_text, settings)])
+        fitness = searched_fitness(model, router, search_batches(search_text, settings), decode_of)
         scaled_kl = fitness(router.sparsity.tolist())
-        found = genetic_search(fitness, router.num_blocks, sparsity, upper=settings.upper, step=settings.step,
-                               population=settings.population, generations=search_generations,
-                               seed=settings.seed + 1, initial=[router.sparsity.tolist()], progress=progress,
-                               desc="schedule search (rescaled router)")
+        found = router_search(fitness, settings, sparsity, search_generations, router.sparsity.tolist(),
+                              "schedule search (rescaled router)", progress)
         router.set_schedule(found.schedule, decode_of(found.schedule))
         rescaled["search"] = {"fitness": search_description(settings), "schedule": found.schedule,
                               "fitness_value": found.fitness, "scaled_fitness": scaled_kl,
                               "evaluations": found.evaluations, "best_per_generation": found.best_per_generation}
     reached = calibrate_and_measure(model, router, calib_text, eval_text)
     kept = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule", *reached)}
+    rescaled["wall_time_s"] = round(time.perf_counter() - t0, 1)
     kept["training"] = {**config["training"], "rescaled": rescaled}
     target = save_checkpoint(out, router, {**kept, **reached})
     return target, load_checkpoint(target)[1]
@@ -398,8 +407,13 @@ def format_summary(folder: Path, config: dict) -> str:
     ]
     if "rescaled" in config["training"]:
         r = config["training"]["rescaled"]
-        lines.insert(3, f"rescaled from {r['from']} (target {r['from_target_sparsity']}): schedule scaled, thresholds "
-                        "calibrated again; the training and search lines are that router's")
+        found = r.get("search")
+        how = ("schedule scaled, then searched with the router (fitness "
+               f"{found['scaled_fitness']:.4f} -> {found['fitness_value']:.4f} in {found['evaluations']} evaluations)"
+               if found else "schedule scaled")
+        took = f" in {r['wall_time_s']} s" if "wall_time_s" in r else ""
+        lines.insert(3, f"rescaled from {r['from']} (target {r['from_target_sparsity']}){took}: {how}, thresholds "
+                        "calibrated again; the training, search and wall-time lines are that router's")
     for name, q in config["quality"].items():
         if isinstance(q, dict):
             lines.append(f"  {name:<28} KL {q['continuation_kl']:.4f}  ppl ratio {q['ppl_ratio_to_dense']:.3f}")

@@ -86,6 +86,9 @@ def test_rescale_cli_scales_the_schedule_and_calibrates_again(tiny_llama, tmp_pa
                  "--out", str(tmp_path / "s20-searched")]) == 0
     searched, config = load_checkpoint(tmp_path / "s20-searched")
     search = config["training"]["rescaled"]["search"]
+    summary = capsys.readouterr().out
+    assert "then searched with the router" in summary and f"in {search['evaluations']} evaluations" in summary
+    assert config["training"]["rescaled"]["wall_time_s"] > 0
     assert abs(searched.sparsity.mean().item() - 0.2) < 1e-6 and searched.sparsity.tolist() == pytest.approx(search["schedule"])
     assert search["fitness_value"] <= search["scaled_fitness"] + 1e-6 and "8-token routed prompt" in search["fitness"]
     assert abs(searched.decode_sparsity.mean().item() - 0.1) < 1e-6
