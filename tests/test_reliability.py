@@ -59,9 +59,9 @@ def test_float32_batch_invariance_and_preemption(real_model, tmp_path):
 
 @pytest.mark.slow
 def test_bfloat16_batch_sensitivity_no_worse_than_stock(real_model):
-    """In bfloat16 neither stock vLLM nor FTP is batch-invariant on this CPU; FTP (the shipped
-    30% router) must differ between alone and among 32 no more often than stock.  Slow here
-    (no native bfloat16 on this CPU): `make test ARGS="-m slow"`."""
+    """In bfloat16 neither stock vLLM nor FTP is batch-invariant on a CPU; FTP (the shipped
+    30% router) must differ between alone and among 32 no more often than stock.  Slow on a
+    CPU without native bfloat16: `make test ARGS="-m slow"`."""
     prompts = mixed_prompts(32)
     bf16 = {"model": real_model, "dtype": "bfloat16", "enable_prefix_caching": False}
     ftp = {**bf16, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": "smollm2-135m-instruct-s30"}}

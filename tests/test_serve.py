@@ -25,7 +25,9 @@ API_KEY = "test-key"
 @pytest.fixture(scope="module")
 def server(real_model, tmp_path_factory):
     """`make serve`'s launcher as a user runs it: the default 30% router, vLLM's default
-    compiled mode and the launcher's CPU defaults (float32 here), plus vLLM's `--api-key`."""
+    compiled mode and the launcher's CPU defaults, plus vLLM's `--api-key` and `--dtype float32`.
+    The dtype is pinned because tests compare outputs across batches, which only float32 keeps
+    equal; the launcher would choose bfloat16 on a CPU that computes it natively."""
     import requests
 
     port = free_port()
@@ -33,7 +35,8 @@ def server(real_model, tmp_path_factory):
     stats = folder / "stats.json"
     log = (folder / "server.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--api-key", API_KEY],
+        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--api-key", API_KEY,
+         "--dtype", "float32"],
         stdout=log, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1"},
     )
