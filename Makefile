@@ -1,5 +1,6 @@
-# Two commands do everything: `make serve` and `make test`.  `setup` is
-# idempotent: it builds .venv once and does nothing when it is up to date.
+# Two commands do everything: `make serve` and `make test` (`make test-fast`:
+# the tests that start no engine).  `setup` is idempotent: it builds .venv
+# once and does nothing when it is up to date.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ TARGET ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.setup-$(TARGET)
 ARGS ?=
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test test-fast clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,10 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra $(ARGS)
+
+# The tests that start no engine or server: a couple of minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not engine and not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
