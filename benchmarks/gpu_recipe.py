@@ -6,8 +6,9 @@ Steps, each a command of this project run in turn (printed before it starts,
 so any one can be rerun alone; `--steps` picks some):
 
   train       ftp-vllm train --model M --sparsity S --device cuda --out OUT/router
-  throughput  benchmarks/throughput.py: stock vs FTP vs ShortGPT, bfloat16,
-              vLLM's default compiled mode and CUDA graphs for the dense model
+              (run as `python -m ftp_vllm.cli`, so that no activated venv is needed)
+  throughput  benchmarks/throughput.py: stock vs FTP vs ShortGPT, bfloat16, eager
+              and vLLM's default compiled mode (torch.compile and CUDA graphs)
   latency     benchmarks/serve_latency.py: `vllm serve M` vs `vllm serve M --ftp-router OUT/router`
   accuracy    benchmarks/accuracy.py: retention of the router and the baselines
 
@@ -30,17 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commands(args) -> dict[str, list[str]]:
-    out, router = Path(args.out), str(Path(args.out) / "router")
+    """Each step's command line; paths are absolute, as the steps run from the repository root."""
+    out, model = Path(args.out).absolute(), str(Path(args.model).absolute())
+    router = str(out / "router")
     py = sys.executable
     return {
-        "train": ["ftp-vllm", "train", "--model", args.model, "--sparsity", str(args.sparsity),
+        "train": [py, "-m", "ftp_vllm.cli", "train", "--model", model, "--sparsity", str(args.sparsity),
                   "--decode-sparsity", str(args.decode_sparsity), "--device", "cuda", "--out", router],
-        "throughput": [py, str(ROOT / "benchmarks" / "throughput.py"), "--model", args.model, "--routers", router,
-                       "--methods", "dense", "dense-compiled", "ftp-keep-all", "ftp", "shortgpt",
+        "throughput": [py, str(ROOT / "benchmarks" / "throughput.py"), "--model", model, "--routers", router,
+                       "--methods", "dense", "ftp-keep-all", "ftp", "shortgpt", "--modes", "eager", "compiled",
                        "--dtype", "bfloat16", "--json", str(out / "throughput.json")],
-        "latency": [py, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", args.model, "--routers", router,
+        "latency": [py, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", model, "--routers", router,
                     "--rates", "2", "8", "32", "--requests", "256", "--json", str(out / "serve_latency.json")],
-        "accuracy": [py, str(ROOT / "benchmarks" / "accuracy.py"), "--model", args.model, "--routers", router,
+        "accuracy": [py, str(ROOT / "benchmarks" / "accuracy.py"), "--model", model, "--routers", router,
                      "--json", str(out / "accuracy.json")],
     }
 
@@ -55,7 +58,7 @@ def check_gpu() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local folder of a Llama-family model (e.g. 7B)")
     p.add_argument("--sparsity", type=float, default=0.3, help="router target sparsity (0.3)")
@@ -67,12 +70,17 @@ def main(argv=None) -> int:
     if not 0 < args.sparsity < 1:
         p.error("--sparsity must be between 0 and 1")
     config = Path(args.model) / "config.json"
-    if not args.dry_run:
+    if not args.dry_run:  # a wrong folder is found here, not after the first step
         if not config.is_file():
             p.error(f"{args.model}: no config.json; --model must be a local model folder")
         archs = json.loads(config.read_text()).get("architectures") or []
         if not {"LlamaForCausalLM", "Qwen2ForCausalLM"} & set(archs):
             p.error(f"{args.model}: architecture {archs}; the recipe is for Llama-family models (Llama, Qwen2)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     cmds = commands(args)
     if args.dry_run:
         for step in args.steps:

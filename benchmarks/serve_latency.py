@@ -36,7 +36,8 @@ METRICS = ("ttft_s", "tpot_s", "itl_s", "latency_s")
 
 def shared_memory_args(serve_args: list[str], servers: int) -> list[str]:
     """Equal memory for servers alive at once: a KV cache each (CPU), or a share of the GPU."""
-    from ftp_vllm.server_process import GiB, has_flag, has_gpu, kv_cache_bytes
+    from ftp_vllm.hardware import GiB, has_gpu, kv_cache_bytes
+    from ftp_vllm.server_process import has_flag
 
     if has_flag(serve_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
         return []

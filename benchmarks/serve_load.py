@@ -28,9 +28,9 @@ from loadgen import mixed_requests, run_load, summarise  # noqa: E402
 
 
 def engine_pids(server) -> set[int]:
-    import psutil
+    from ftp_vllm.server_process import descendants
 
-    return {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+    return {p.pid for p in descendants(server.proc)}
 
 
 def main(argv=None) -> int:
