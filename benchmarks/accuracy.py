@@ -63,14 +63,17 @@ from pathlib import Path
 
 import torch
 
+from ftp_vllm.baselines import (
+    calibration_block_influence, random_rule, shortgpt_blocks, shortgpt_prompt_rule, shortgpt_rule, static_rule,
+    uniform_schedule,
+)
 from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
 from ftp_vllm.evaluation import (
-    CHANCE, ROUTED, ContinuationSums, Method, SkipCounter, calibration_block_influence, cloze_items, cloze_scores,
-    continuation_pass, paired_retention_interval, random_rule, retention, shortgpt_prompt_rule, shortgpt_rule,
-    static_rule, uniform_schedule, wilson_interval,
+    CHANCE, ROUTED, ContinuationSums, Method, SkipCounter, cloze_items, cloze_scores, continuation_pass,
+    paired_retention_interval, retention, wilson_interval,
 )
 from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
-from ftp_vllm.reference import RoutedModel, shortgpt_blocks
+from ftp_vllm.reference import RoutedModel
 from ftp_vllm.texts import document_chunks, documents, file_documents
 
 METHODS = ("dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random")

@@ -12,7 +12,7 @@ dense model of:
 - oracles, not servable since they need the block's output: top-k by how much
   the block changes a token (1 - cos of its input and output, standardised
   within the request), alone and mixed with recency (`--recency`; the static
-  router's order), `ftp_vllm.reference.change_selector`.
+  router's order), `ftp_vllm.baselines.change_oracle`.
 
 The best oracle bounds what any better feature could buy at that schedule; the
 schedule itself (searched with the static router) is held fixed.
@@ -48,8 +48,9 @@ def main(argv=None) -> dict:
 
     from ftp_vllm.checkpoint import CheckpointError, check_compatible, load_checkpoint
     from ftp_vllm.model_store import resolve_model
-    from ftp_vllm.reference import RoutedModel, change_selector, random_keep, static_keep
-    from ftp_vllm.schedule import ContinuationBatch, continuation_logprobs, kl_and_nll
+    from ftp_vllm.baselines import change_oracle, random_keep, static_keep
+    from ftp_vllm.evaluation import ContinuationBatch, continuation_logprobs, kl_and_nll
+    from ftp_vllm.reference import GivenMasks, RoutedModel, Served
     from ftp_vllm.texts import token_chunks
 
     start = time.perf_counter()
@@ -71,14 +72,14 @@ def main(argv=None) -> dict:
         schedule = router.sparsity.tolist()
         router.set_schedule(schedule, [0.0] * len(schedule))
         selectors = {
-            "router": {"router": router},
-            "static": {"keep": static_keep(cu, schedule, prompt_lens)},
-            "random": {"keep": random_keep(cu, schedule, prompt_lens, torch.Generator().manual_seed(0))},
-            "oracle: change": {"keep": change_selector(schedule)},
-            **{f"oracle: change + {w:g} x recency": {"keep": change_selector(schedule, w)} for w in args.recency},
+            "router": Served(router),
+            "static": GivenMasks(static_keep(cu, schedule, prompt_lens)),
+            "random": GivenMasks(random_keep(cu, schedule, prompt_lens, torch.Generator().manual_seed(0))),
+            "oracle: change": change_oracle(schedule),
+            **{f"oracle: change + {w:g} x recency": change_oracle(schedule, w) for w in args.recency},
         }
-        for selector, routing in selectors.items():
-            kl, nll = kl_and_nll(continuation_logprobs(model, batch, **routing), dense, batch.targets)
+        for selector, keep in selectors.items():
+            kl, nll = kl_and_nll(continuation_logprobs(model, batch, keep), dense, batch.targets)
             rows.append({"router": name, "prompt_sparsity": sum(schedule) / len(schedule), "selector": selector,
                          "ppl_ratio": math.exp(nll - dense_nll), "kl": kl})
             print(f"{name}  {selector:32s}  ppl ratio {rows[-1]['ppl_ratio']:.3f}  KL {kl:.3f}", flush=True)

@@ -1,7 +1,8 @@
 """Quality of a pruned model as a served request sees it, on held-out text.
 
 Two measurements, both with serving semantics (`ftp_vllm.reference`: a context
-routed as a prompt, then tokens scored one by one under the decode rule):
+routed as a prompt, then tokens scored one by one under the decode rule; text
+packed as a `ContinuationBatch`):
 
 - continuation: chunks of `context + continuation` tokens; the continuation's
   perplexity, top-1 agreement and KL to the dense model.  Full-sequence
@@ -20,17 +21,16 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference as ref
-from .reference import RoutedModel
+from .baselines import KeepRule
+from .reference import Dense, GivenMasks, KeepPolicy, RoutedModel, Served, is_prompt, rotate
 from .router import Router, local_index, request_ids
-from .schedule import ContinuationBatch, kl_and_nll
 
 CHOICES = 4
 CHANCE = 1 / CHOICES
@@ -38,13 +38,10 @@ CHANCE = 1 / CHOICES
 
 # ---- methods ---------------------------------------------------------------------
 
-KeepRule = Callable[[Tensor, Tensor], Tensor]  # (cu_seqlens, prompt_lens [R]) -> keep [B, T]
-
-
 @dataclass
 class Method:
-    """One configuration: `router` decides (serving rule), or `keep_rule` gives the masks, or
-    neither (dense).  `info` goes into the results as it is."""
+    """One configuration: `router` decides (serving rule), or `keep_rule` gives the masks
+    (`baselines`), or neither (dense).  `info` goes into the results as it is."""
 
     method: str  # dense | ftp | shortgpt | shortgpt-prompt | static-uniform | random
     router_name: str | None = None
@@ -52,12 +49,13 @@ class Method:
     keep_rule: KeepRule | None = None
     info: dict = field(default_factory=dict)
 
-    def routing(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> dict:
+    def policy(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> KeepPolicy:
+        """How the reference chooses this method's tokens on a batch."""
         if self.router is not None:
-            return {"router": self.router}
+            return Served(self.router)
         if self.keep_rule is not None:
-            return {"keep": self.keep_rule(cu_seqlens, prompt_lens)}
-        return {}
+            return GivenMasks(self.keep_rule(cu_seqlens, prompt_lens))
+        return Dense()
 
     def routed_prompt(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
         """[T] bool: prompt tokens of the prompts this method routes (`Router.routes_prompt`;
@@ -66,70 +64,6 @@ class Method:
         if self.router is None:
             return prompt
         return prompt & self.router.routes_prompt(prompt_lens)[request_ids(cu_seqlens)]
-
-
-def is_prompt(cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
-    return local_index(cu_seqlens) < prompt_lens[request_ids(cu_seqlens)]
-
-
-def static_rule(schedule: Sequence[float]) -> KeepRule:
-    """Static router on prompts; a decode token is the most recent token, which it keeps."""
-
-    def rule(cu, prompt_lens):
-        if not prompt_lens.any():
-            return torch.ones(len(schedule), int(cu[-1]), dtype=torch.bool)
-        return ref.static_keep(cu, schedule, prompt_lens)
-
-    return rule
-
-
-def random_rule(schedule: Sequence[float], decode_schedule: Sequence[float], seed: int = 0) -> KeepRule:
-    """Random token choice: each prompt keeps a random k at its block's sparsity (the
-    always-kept tokens too); each decode token is skipped with its block's decode sparsity."""
-    generator = torch.Generator().manual_seed(seed)
-    decode = torch.tensor(list(decode_schedule), dtype=torch.float32)[:, None]
-
-    def rule(cu, prompt_lens):
-        prompt = is_prompt(cu, prompt_lens)
-        keep = torch.ones(len(schedule), len(prompt), dtype=torch.bool)
-        if prompt.any():
-            keep = ref.random_keep(cu, schedule, prompt_lens, generator)
-        skip = torch.rand(keep.shape, generator=generator) < decode
-        return keep & ~(skip & ~prompt)
-
-    return rule
-
-
-def shortgpt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
-    return lambda cu, prompt_lens: ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
-
-
-def shortgpt_prompt_rule(num_blocks: int, dropped: Sequence[int]) -> KeepRule:
-    """ShortGPT's blocks dropped under FTP's serving rule: every prompt token skips them, decode
-    tokens run every block (attending to the skipped tokens' K/V, as with a router)."""
-
-    def rule(cu, prompt_lens):
-        keep = ref.shortgpt_keep(num_blocks, int(cu[-1]), dropped)
-        keep[list(dropped)] = ~is_prompt(cu, prompt_lens)
-        return keep
-
-    return rule
-
-
-def calibration_block_influence(model: RoutedModel, tokenizer, chunks: int = 8, seed: int = 0) -> Tensor:
-    """ShortGPT's Block Influence [B] on `chunks` 256-token chunks of calibration text."""
-    from .texts import token_chunks
-
-    cal = token_chunks(tokenizer, "calibration", 256, chunks, seed)
-    return ref.block_influence(model, cal.reshape(-1), torch.arange(len(cal) + 1) * cal.shape[1])
-
-
-def uniform_schedule(num_blocks: int, sparsity: float, dense_edges: int) -> list[float]:
-    """`sparsity` on average over all blocks, spread evenly over the blocks between the
-    `dense_edges` first and last ones (kept dense: skipping there ruins a small model)."""
-    free = num_blocks - 2 * dense_edges
-    rate = min(1.0, sparsity * num_blocks / free)
-    return [rate if dense_edges <= b < num_blocks - dense_edges else 0.0 for b in range(num_blocks)]
 
 
 # ---- realised sparsity -------------------------------------------------------------
@@ -202,6 +136,54 @@ class SkipCounter:
 # ---- continuation ----------------------------------------------------------------
 
 @dataclass
+class ContinuationBatch:
+    """Chunks packed as requests: prompt = first `context` tokens, the rest a continuation."""
+
+    input_ids: Tensor
+    cu_seqlens: Tensor
+    prompt_lens: Tensor
+    scored: Tensor  # token indices whose logits predict a continuation token
+    targets: Tensor  # the continuation tokens they predict
+
+    @classmethod
+    def of(cls, chunks: Tensor, context: int) -> ContinuationBatch:
+        n, length = chunks.shape
+        starts = torch.arange(n) * length
+        offsets = torch.arange(context - 1, length - 1)
+        scored = (starts[:, None] + offsets).reshape(-1)
+        ids = chunks.reshape(-1)
+        return cls(ids, starts.new_tensor([*starts.tolist(), n * length]), torch.full((n,), context), scored, ids[scored + 1])
+
+    def prompts(self) -> Tensor:
+        """The prompt parts [N, context] of the chunks."""
+        return self.input_ids.view(len(self.prompt_lens), -1)[:, : int(self.prompt_lens[0])]
+
+    def short_windows(self, context: int) -> ContinuationBatch:
+        """The chunks cut into windows of a `context`-token prompt and the same continuation:
+        how the shortest routed prompts fare, where an always-kept token weighs most and a
+        skipped one leaves a later token less to attend to."""
+        chunks = self.input_ids.view(len(self.prompt_lens), -1)
+        length = context + chunks.shape[1] - int(self.prompt_lens[0])
+        if not 0 < context < length <= chunks.shape[1]:
+            raise ValueError(f"no {context}-token prompt and continuation fit in {chunks.shape[1]}-token chunks")
+        return ContinuationBatch.of(chunks[:, : chunks.shape[1] // length * length].reshape(-1, length), context)
+
+
+@torch.no_grad()
+def continuation_logprobs(model: RoutedModel, batch: ContinuationBatch, keep: KeepPolicy | None = None) -> Tensor:
+    """Log-probabilities [N, V] at the scored tokens, the tokens chosen by `keep` (default dense)."""
+    out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, keep=keep, logits_at=batch.scored)
+    return F.log_softmax(out.logits.float(), -1)
+
+
+def kl_and_nll(logprobs: Tensor, dense_logprobs: Tensor, targets: Tensor) -> tuple[float, float]:
+    """(mean KL(dense || pruned), mean NLL of the true continuation) over scored tokens."""
+    kl = (dense_logprobs.exp() * (dense_logprobs - logprobs)).sum(-1).mean()
+    nll = -logprobs.gather(-1, targets[:, None]).mean()
+    return float(kl), float(nll)
+
+
+@dataclass
 class ContinuationSums:
     scored: int = 0
     nll: float = 0.0
@@ -221,7 +203,8 @@ def continuation_pass(model: RoutedModel, method: Method, chunks: Tensor, contex
     """Run `chunks` [N, L] (first `context` tokens a routed prompt); add to `sums` and
     `counter`; return the continuation log-probs (the dense reference when `dense` is None)."""
     batch = ContinuationBatch.of(chunks, context)
-    out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, **method.routing(batch.cu_seqlens, batch.prompt_lens))
+    out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens,
+                keep=method.policy(batch.cu_seqlens, batch.prompt_lens))
     logprobs = F.log_softmax(out.logits.float(), -1)
     counter.add(out.keep, is_prompt(batch.cu_seqlens, batch.prompt_lens),
                 method.routed_prompt(batch.cu_seqlens, batch.prompt_lens))
@@ -326,14 +309,14 @@ def branch_logprobs(model: RoutedModel, method: Method, ctx_ids: Tensor, ctx_cu:
     block attending to their context's keys and values, recomputed from the block inputs the
     context pass returned (a skipped token's K/V come from its unchanged state, as served)."""
     ctx_len = ctx_cu[1:] - ctx_cu[:-1]
-    out = model(ctx_ids, ctx_cu, **method.routing(ctx_cu, ctx_len), return_hidden=True, logits_at=ctx_cu[1:] - 1)
+    out = model(ctx_ids, ctx_cu, keep=method.policy(ctx_cu, ctx_len), return_hidden=True, logits_at=ctx_cu[1:] - 1)
     first = F.log_softmax(out.logits.float(), -1)  # [C, V]: predicts each branch's first token
     T, N = len(br_ids), len(br_cu) - 1
     rid, off = request_ids(br_cu), local_index(br_cu)
     br_len, prompt_lens = br_cu[1:] - br_cu[:-1], ctx_len[br_ctx]
     positions, token_prompt_lens = prompt_lens[rid] + off, prompt_lens[rid]
-    routing = method.routing(br_cu, torch.zeros_like(br_len))
-    router, keep = routing.get("router"), routing.get("keep")
+    router = method.router
+    keep = method.keep_rule(br_cu, torch.zeros_like(br_len)) if router is None and method.keep_rule else None
 
     # Padded attention layout: branch n's queries [Lb] over its context [Lc] then itself.
     Lc, Lb = int(prompt_lens.max()), int(br_len.max())
@@ -359,7 +342,7 @@ def branch_logprobs(model: RoutedModel, method: Method, ctx_ids: Tensor, ctx_cu:
             past = router.block_scores(b, kc)[past_index]
             logits = router.block_logits(b, router.block_scores(b, k), positions, token_prompt_lens, br_cu, past, past_cu)
             gate = router.keep(b, logits, positions, token_prompt_lens)
-        qr, kr, kcr = ref.rotate(q, cos, sin), ref.rotate(k, cos, sin), ref.rotate(kc, ccos, csin)
+        qr, kr, kcr = rotate(q, cos, sin), rotate(k, cos, sin), rotate(kc, ccos, csin)
         keys = torch.cat([kcr[c_index], kr[b_index]], 1).transpose(1, 2)
         values = torch.cat([vc[c_index], v[b_index]], 1).transpose(1, 2)
         o = F.scaled_dot_product_attention(qr[b_index].transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)

@@ -58,7 +58,8 @@ def ftp_loss(
     weights=(1.0, 1.0, 1.0),
     token_mask: Tensor | None = None,
 ):
-    """Weighted sum (guide weight times `guide_scale`) and the parts, from a "train" mode `RoutedOutput`."""
+    """Weighted sum (guide weight times `guide_scale`) and the parts, from a `RoutedOutput` of
+    a pass under `reference.TrainingGate`."""
     no_router = out.logits.new_zeros(())
     parts = {
         "guide": guide_loss(out.router_logits, teacher_keep, out.routed, token_mask) if out.routed else no_router,

@@ -33,16 +33,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
-from .evaluation import SkipCounter, is_prompt
+from .baselines import static_keep
+from .evaluation import ContinuationBatch, SkipCounter, continuation_logprobs, kl_and_nll
 from .model_store import resolve_model
 from .reference import (
-    RoutedModel, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds, prompt_windows,
-    short_prompt_lengths, static_keep,
+    GivenMasks, RoutedModel, Served, calibrate_router_inputs, calibrate_router_thresholds, calibrate_short_thresholds,
+    is_prompt, prompt_windows, short_prompt_lengths,
 )
-from .schedule import (
-    ContinuationBatch, Fitness, SearchResult, continuation_logprobs, genetic_search, kl_and_nll, router_fitness,
-    scaled_schedule, static_fitness, summed,
-)
+from .schedule import Fitness, SearchResult, genetic_search, router_fitness, scaled_schedule, static_fitness, summed
 from .texts import python_version, token_chunks
 
 
@@ -166,7 +164,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
                          for i in range(0, len(train_text), s.train_batch))]
     history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
                            guide_decay=s.guide_decay, progress=s.progress,
-                           mode="train-calibrated" if s.gate == "calibrated" else "train")
+                           calibrated=s.gate == "calibrated")
     fitness = searched_fitness(model, router, searched, decode_of)
     trained_kl = fitness(static.schedule)
     trained = {k: v.clone() for k, v in router.mlp.state_dict().items()}
@@ -249,14 +247,14 @@ def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict
     dense = continuation_logprobs(model, batch)
     dense_nll = kl_and_nll(dense, dense, batch.targets)[1]
     with torch.no_grad():
-        out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, router=router, logits_at=batch.scored)
+        out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, keep=Served(router), logits_at=batch.scored)
     results = {"routed": torch.log_softmax(out.logits.float(), -1)}
     prompt_schedule, decode_schedule = router.sparsity.tolist(), router.decode_sparsity.tolist()
     router.set_schedule(prompt_schedule, [0.0] * len(prompt_schedule))
-    results["routed, decode dense"] = continuation_logprobs(model, batch, router=router)
+    results["routed, decode dense"] = continuation_logprobs(model, batch, Served(router))
     router.set_schedule(prompt_schedule, decode_schedule)
     keep = static_keep(batch.cu_seqlens, prompt_schedule, batch.prompt_lens)
-    results["static router, decode dense"] = continuation_logprobs(model, batch, keep=keep)
+    results["static router, decode dense"] = continuation_logprobs(model, batch, GivenMasks(keep))
     quality = {
         "text": f"held-out evaluation text, {len(batch.prompt_lens)} chunks: {int(batch.prompt_lens[0])}-token "
                 f"routed prompt, then {len(batch.targets) // len(batch.prompt_lens)} continuation tokens scored",
@@ -276,7 +274,7 @@ def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch
     prompts = eval_text.prompts()
     for L in router.short_lengths:
         ids, cu, prompt_lens = prompt_windows(prompts, L)
-        keep = model(ids, cu, prompt_lens, router=router, logits_at=ids.new_zeros(0)).keep
+        keep = model(ids, cu, prompt_lens, keep=Served(router), logits_at=ids.new_zeros(0)).keep
         report[str(L)] = {"calibration_windows": windows[L], "held_out_windows": len(prompt_lens),
                           "held_out_prompt_sparsity": round(SkipCounter.of(keep, torch.ones(keep.shape[1], dtype=torch.bool)).share("prompt"), 4)}
     return report

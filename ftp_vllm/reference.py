@@ -15,10 +15,16 @@ Computing the full block for every token and then mixing
 already come from its input), and with a straight-through gate g it is also
 the training forward.
 
-In "threshold" mode every decision looks only backwards, so one pass over
-prompt + continuation equals serving the prompt and then decoding the
-continuation token by token: logits at continuation positions are what the
-served request would score.
+Which tokens run a block is a `KeepPolicy`'s decision: every token
+(`Dense`), masks given in advance (`GivenMasks`, the baselines), a router's
+serving rule (`Served`), its prompt top-k (`PromptTopK`), the serving rule at
+thresholds fitted on the pass itself (`Calibrating`), the training gate
+(`TrainingGate`), or an oracle that looks at the block's output (`Oracle`).
+
+Under `Served` every decision looks only backwards, so one pass over prompt +
+continuation equals serving the prompt and then decoding the continuation
+token by token: logits at continuation positions are what the served request
+would score.
 """
 
 from __future__ import annotations
@@ -33,16 +39,12 @@ from torch import Tensor, nn
 from . import router as R
 
 
-# (block, block input [T, D], block output [T, D], token layout) -> keep [T] bool, or None: dense
-BlockSelector = Callable[[int, Tensor, Tensor, "Tokens"], "Tensor | None"]
-
-
 @dataclass
 class RoutedOutput:
     logits: Tensor  # [T, V]
     keep: Tensor  # [B, T] bool: hard decisions
     router_logits: Tensor  # [B, T]; zeros on blocks where no router ran
-    keep_prob: Tensor  # [B, T] soft keep probability ("train" mode), else keep as float
+    keep_prob: Tensor  # [B, T] soft keep probability (training gate), else keep as float
     routed: list[int]  # blocks where the router ran
     hidden: list[Tensor] | None  # block inputs h_0 .. h_{B-1}, then the last block's output
 
@@ -53,6 +55,164 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
 
+
+# ---- token layout ------------------------------------------------------------------
+
+@dataclass
+class Tokens:
+    """Per-token layout of a packed batch."""
+
+    positions: Tensor
+    prompt_lens: Tensor  # per token
+    is_prompt: Tensor
+    always: Tensor
+    prompt_cu: Tensor  # cu_seqlens of the prompt parts alone
+    requests: Tensor  # each token's request
+    cu_seqlens: Tensor
+
+    @classmethod
+    def of(cls, cu_seqlens: Tensor, prompt_lens: Tensor | None) -> Tokens:
+        rid = R.request_ids(cu_seqlens)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        per_request = lengths if prompt_lens is None else torch.minimum(prompt_lens, lengths)
+        positions = R.local_index(cu_seqlens)
+        token_prompt_lens = per_request[rid]
+        prompt_cu = F.pad(per_request.cumsum(0), (1, 0))
+        always = R.always_keep_mask(positions, token_prompt_lens)
+        return cls(positions, token_prompt_lens, positions < token_prompt_lens, always, prompt_cu, rid, cu_seqlens)
+
+
+def is_prompt(cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
+    """[T] bool: the tokens of each request before its `prompt_lens` [R]."""
+    return R.local_index(cu_seqlens) < prompt_lens[R.request_ids(cu_seqlens)]
+
+
+def prompt_topk(scores: Tensor, tok: Tokens, sparsity: float, keep: Tensor | None = None) -> Tensor:
+    """Top-k of each prompt by `scores`; other tokens keep `keep` (default: kept)."""
+    keep = torch.ones_like(tok.always) if keep is None else keep.clone()
+    keep[tok.is_prompt] = R.topk_keep(scores[tok.is_prompt], tok.prompt_cu, sparsity, tok.always[tok.is_prompt])
+    return keep
+
+
+# ---- keep policies -------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    """One block's decision for every token of the pass."""
+
+    gate: Tensor | None = None  # [T]: bool, or a straight-through float gate; None: every token runs
+    router_logits: Tensor | None = None  # [T], where a router scored the tokens
+    keep_prob: Tensor | None = None  # [T] soft keep probability of a training gate
+
+
+class KeepPolicy:
+    """Decides block by block which tokens run the block.  `decide` sees what a router sees
+    (the block's input keys); `revise` may look at the full block output, which only an
+    oracle for analysis does.  The base policy keeps every token."""
+
+    def decide(self, block: int, k: Tensor, tok: Tokens) -> Decision:
+        return Decision()
+
+    def revise(self, block: int, h_in: Tensor, h_out: Tensor, tok: Tokens, decision: Decision) -> Decision:
+        return decision
+
+
+class Dense(KeepPolicy):
+    """Every token runs every block."""
+
+
+@dataclass
+class GivenMasks(KeepPolicy):
+    """Decisions known in advance, [B, T] bool: dense, static, random, ShortGPT."""
+
+    masks: Tensor
+
+    def decide(self, block: int, k: Tensor, tok: Tokens) -> Decision:
+        return Decision(self.masks[block])
+
+
+# (block, block input [T, D], block output [T, D], token layout) -> keep [T] bool, or None: dense
+BlockSelector = Callable[[int, Tensor, Tensor, Tokens], "Tensor | None"]
+
+
+@dataclass
+class Oracle(KeepPolicy):
+    """Decides each block from its full output: for analysis, not a servable rule."""
+
+    select: BlockSelector
+
+    def revise(self, block: int, h_in: Tensor, h_out: Tensor, tok: Tokens, decision: Decision) -> Decision:
+        return Decision(self.select(block, h_in, h_out, tok))
+
+
+@dataclass
+class Served(KeepPolicy):
+    """The router's serving rule at its thresholds."""
+
+    router: R.Router
+
+    def decide(self, block: int, k: Tensor, tok: Tokens) -> Decision:
+        if self.router.is_dense(block):
+            return Decision()
+        router = self.router
+        logits = router.block_logits(block, router.block_scores(block, k), tok.positions, tok.prompt_lens,
+                                     tok.cu_seqlens)
+        return self.gate(block, logits, tok)
+
+    def gate(self, block: int, logits: Tensor, tok: Tokens) -> Decision:
+        return Decision(self.router.keep(block, logits, tok.positions, tok.prompt_lens), logits)
+
+
+class PromptTopK(Served):
+    """Each prompt keeps its top-k tokens by router logit at the block's sparsity; other tokens
+    as served."""
+
+    def gate(self, block: int, logits: Tensor, tok: Tokens) -> Decision:
+        served = self.router.keep(block, logits, tok.positions, tok.prompt_lens)
+        return Decision(prompt_topk(logits, tok, self.router.sparsity[block].item(), served), logits)
+
+
+class Calibrating(Served):
+    """The serving rule at thresholds set, block after block, so this pass realises each block's
+    targets exactly (`calibrate_block_thresholds`); the router keeps them."""
+
+    def gate(self, block: int, logits: Tensor, tok: Tokens) -> Decision:
+        calibrate_block_thresholds(self.router, block, logits, tok)
+        return super().gate(block, logits, tok)
+
+
+@dataclass
+class TrainingGate(Served):
+    """Straight-through soft gate: p > 0.5 at `temperature`, or, `calibrated`, at thresholds
+    calibrated on this pass's logits as serving will, so every step realises the targets exactly
+    and training shapes only the ranking of tokens.  A kind of token with target 0 is always
+    kept, as served."""
+
+    temperature: float = 1.0
+    calibrated: bool = False
+
+    def gate(self, block: int, logits: Tensor, tok: Tokens) -> Decision:
+        router = self.router
+        always = router.always_keep(tok.positions, tok.prompt_lens)
+        prompt_target, decode_target = router.sparsity[block].item(), router.decode_sparsity[block].item()
+        if prompt_target == 0:
+            always = always | tok.is_prompt
+        if decode_target == 0:
+            always = always | ~tok.is_prompt
+        threshold = self._thresholds(block, logits.detach(), tok) if self.calibrated else 0.0
+        gate, prob = R.soft_gate(logits, always, threshold, self.temperature)
+        return Decision(gate, logits, prob)
+
+    def _thresholds(self, block: int, logits: Tensor, tok: Tokens) -> Tensor:
+        router = self.router
+        p, d = tok.is_prompt, ~tok.is_prompt
+        forced = router.always_keep(tok.positions, tok.prompt_lens)
+        tp = R.calibrate_threshold(logits[p], router.sparsity[block].item(), forced[p]) if p.any() else 0.0
+        td = R.calibrate_threshold(logits[d], router.decode_sparsity[block].item(), forced[d]) if d.any() else 0.0
+        return torch.where(p, torch.tensor(tp), torch.tensor(td))
+
+
+# ---- the model ---------------------------------------------------------------------
 
 class RoutedModel(nn.Module):
     def __init__(self, hf_model: nn.Module):
@@ -98,132 +258,60 @@ class RoutedModel(nn.Module):
             out.append(o[0].transpose(0, 1).reshape(end - start, -1))
         return self.layers[block].self_attn.o_proj(torch.cat(out))
 
+    def _block_output(self, block: int, h: Tensor, q, k, v, cos, sin, bounds: list[int]) -> Tensor:
+        """The decoder layer's output for every token (attention and MLP, with residuals)."""
+        layer = self.layers[block]
+        h_mid = h + self._attention(block, q, k, v, cos, sin, bounds)
+        return h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
+
     def forward(
         self,
         input_ids: Tensor,
         cu_seqlens: Tensor,
         prompt_lens: Tensor | None = None,
         *,
-        router: R.Router | None = None,
-        keep: Tensor | BlockSelector | None = None,
-        mode: str = "threshold",
-        temperature: float = 1.0,
+        keep: KeepPolicy | None = None,
         return_hidden: bool = False,
         logits_at: Tensor | None = None,
     ) -> RoutedOutput:
-        """Run packed requests `input_ids` [T] split by `cu_seqlens` [R+1].
+        """Run packed requests `input_ids` [T] split by `cu_seqlens` [R+1], each block's tokens
+        chosen by `keep` (default: `Dense`).
 
         prompt_lens [R]: tokens past it are continuation (decode rule); default all prompt.
-        keep [B, T] bool: given decisions (dense, static, random, ShortGPT); or a `BlockSelector`
-        that decides each block from its full output (oracles, for analysis); else `router`
-        decides with `mode`: "threshold" (serving rule), "topk" (prompt: top-k per request
-        at the block's sparsity), "calibrate" (set this pass's thresholds to hit the targets
-        exactly, block after block, then apply them), "train" (straight-through soft gate
-        at p > 0.5 with `temperature`), "train-calibrated" (the same gate at thresholds
-        calibrated on this pass's logits, as serving will: every step realises the targets
-        exactly and training shapes only the ranking of tokens).  No keep and no router: dense.
         logits_at: token indices whose logits to compute (the LM head over a 49k vocabulary
         costs as much as several blocks); default all.
         """
+        keep = Dense() if keep is None else keep
         tok = Tokens.of(cu_seqlens, prompt_lens)
-        positions = tok.positions
         bounds = cu_seqlens.tolist()
         T = len(input_ids)
 
         h = self.hf.model.embed_tokens(input_ids)
-        cos, sin = (t[0] for t in self.hf.model.rotary_emb(h[None], positions[None]))
+        cos, sin = (t[0] for t in self.hf.model.rotary_emb(h[None], tok.positions[None]))
         hidden, keeps, logits_all, probs, routed = [], [], [], [], []
-        for b, layer in enumerate(self.layers):
+        for b in range(self.num_blocks):
             hidden.append(h)
             q, k, v = self.qkv(b, h)
-            gate, router_logits, prob = None, h.new_zeros(T), None
-            if keep is not None:
-                gate = None if callable(keep) else keep[b]
-            elif router is not None and not router.is_dense(b):
-                routed.append(b)
-                router_logits = router.block_logits(b, router.block_scores(b, k), positions, tok.prompt_lens, cu_seqlens)
-                gate, prob = self._decide(router, b, router_logits, mode, temperature, tok)
-            attn = self._attention(b, q, k, v, cos, sin, bounds)
-            h_mid = h + attn
-            h_full = h_mid + layer.mlp(layer.post_attention_layernorm(h_mid))
-            if callable(keep):
-                gate = keep(b, h, h_full, tok)
-            if gate is None:
+            decision = keep.decide(b, k, tok)
+            h_full = self._block_output(b, h, q, k, v, cos, sin, bounds)
+            decision = keep.revise(b, h, h_full, tok, decision)
+            if decision.gate is None:
                 h, hard = h_full, torch.ones(T, dtype=torch.bool, device=h.device)
             else:
-                g = gate.to(h.dtype)[:, None]
-                h, hard = h_full * g + h * (1 - g), gate.detach() > 0.5
+                g = decision.gate.to(h.dtype)[:, None]
+                h, hard = h_full * g + h * (1 - g), decision.gate.detach() > 0.5
+            if decision.router_logits is not None:
+                routed.append(b)
             keeps.append(hard)
-            logits_all.append(router_logits)
-            probs.append(hard.float() if prob is None else prob)
+            logits_all.append(h.new_zeros(T) if decision.router_logits is None else decision.router_logits)
+            probs.append(hard.float() if decision.keep_prob is None else decision.keep_prob)
         hidden.append(h)
         logits = self.hf.lm_head(self.hf.model.norm(h if logits_at is None else h[logits_at]))
         hidden = hidden if return_hidden else None
         return RoutedOutput(logits, torch.stack(keeps), torch.stack(logits_all), torch.stack(probs), routed, hidden)
 
-    @staticmethod
-    def _decide(router: R.Router, b: int, logits: Tensor, mode: str, temperature: float, tok: "Tokens"):
-        if mode in ("train", "train-calibrated"):  # a kind of token with target 0 is always kept, as served
-            always = router.always_keep(tok.positions, tok.prompt_lens)
-            prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
-            if prompt_target == 0:
-                always = always | tok.is_prompt
-            if decode_target == 0:
-                always = always | ~tok.is_prompt
-            threshold = 0.0
-            if mode == "train-calibrated":
-                p, d = tok.is_prompt, ~tok.is_prompt
-                detached = logits.detach()
-                forced = router.always_keep(tok.positions, tok.prompt_lens)
-                tp = R.calibrate_threshold(detached[p], prompt_target, forced[p]) if p.any() else 0.0
-                td = R.calibrate_threshold(detached[d], decode_target, forced[d]) if d.any() else 0.0
-                threshold = torch.where(p, torch.tensor(tp), torch.tensor(td))
-            return R.soft_gate(logits, always, threshold, temperature)
-        if mode == "calibrate":
-            p, d = tok.is_prompt, ~tok.is_prompt
-            prompt_target, decode_target = router.sparsity[b].item(), router.decode_sparsity[b].item()
-            forced = router.always_keep(tok.positions, tok.prompt_lens)
-            if p.any():
-                lengths = tok.prompt_lens[p].unique().tolist()
-                if router.short_lengths and len(lengths) > 1:
-                    raise ValueError(f"calibrate one prompt length at a time for a router with short-prompt "
-                                     f"thresholds (got {lengths})")
-                value = R.calibrate_threshold(logits[p], prompt_target, forced[p])
-                router.set_prompt_threshold(b, max(lengths), value)
-            if d.any():
-                router.threshold_decode[b] = R.calibrate_threshold(logits[d], decode_target, forced[d])
-        elif mode not in ("threshold", "topk"):
-            raise ValueError(f"unknown routing mode {mode!r}")
-        keep = router.keep(b, logits, tok.positions, tok.prompt_lens)
-        if mode == "topk":
-            keep = _prompt_topk(logits, tok, router.sparsity[b].item(), keep)
-        return keep, None
 
-
-@dataclass
-class Tokens:
-    """Per-token layout of a packed batch."""
-
-    positions: Tensor
-    prompt_lens: Tensor  # per token
-    is_prompt: Tensor
-    always: Tensor
-    prompt_cu: Tensor  # cu_seqlens of the prompt parts alone
-    requests: Tensor  # each token's request
-
-    @classmethod
-    def of(cls, cu_seqlens: Tensor, prompt_lens: Tensor | None) -> Tokens:
-        rid = R.request_ids(cu_seqlens)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        per_request = lengths if prompt_lens is None else torch.minimum(prompt_lens, lengths)
-        positions = R.local_index(cu_seqlens)
-        token_prompt_lens = per_request[rid]
-        prompt_cu = F.pad(per_request.cumsum(0), (1, 0))
-        always = R.always_keep_mask(positions, token_prompt_lens)
-        return cls(positions, token_prompt_lens, positions < token_prompt_lens, always, prompt_cu, rid)
-
-
-# ---- calibration helpers ---------------------------------------------------
+# ---- calibration -------------------------------------------------------------------
 
 @torch.no_grad()
 def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Tensor, cu_seqlens: Tensor) -> None:
@@ -240,6 +328,24 @@ def calibrate_router_inputs(model: RoutedModel, router: R.Router, input_ids: Ten
         router.feature_mean[b, 3], router.feature_std[b, 3] = 0.0, 1.0  # sparsity: constant within a block
 
 
+def calibrate_block_thresholds(router: R.Router, block: int, logits: Tensor, tok: Tokens) -> None:
+    """Set `block`'s prompt threshold (for the pass's prompt length when the router has
+    short-prompt thresholds) and decode threshold so that its router `logits` [T] skip exactly
+    the block's targets of this pass's prompt and continuation tokens."""
+    p, d = tok.is_prompt, ~tok.is_prompt
+    forced = router.always_keep(tok.positions, tok.prompt_lens)
+    if p.any():
+        lengths = tok.prompt_lens[p].unique().tolist()
+        if router.short_lengths and len(lengths) > 1:
+            raise ValueError(f"calibrate one prompt length at a time for a router with short-prompt "
+                             f"thresholds (got {lengths})")
+        value = R.calibrate_threshold(logits[p], router.sparsity[block].item(), forced[p])
+        router.set_prompt_threshold(block, max(lengths), value)
+    if d.any():
+        router.threshold_decode[block] = R.calibrate_threshold(logits[d], router.decode_sparsity[block].item(),
+                                                               forced[d])
+
+
 @torch.no_grad()
 def calibrate_router_thresholds(
     model: RoutedModel,
@@ -251,7 +357,7 @@ def calibrate_router_thresholds(
 ) -> RoutedOutput:
     """Set prompt (and, with continuations, decode) thresholds block by block on the routed pass
     itself, so each block's realised sparsity on this text equals its target."""
-    return model(input_ids, cu_seqlens, prompt_lens, router=router, mode="calibrate", logits_at=logits_at)
+    return model(input_ids, cu_seqlens, prompt_lens, keep=Calibrating(router), logits_at=logits_at)
 
 
 @torch.no_grad()
@@ -287,72 +393,3 @@ def short_prompt_lengths(min_prompt: int, threshold_length: int) -> list[int]:
         step = n // 4
         n += max(1, step // 16 * 16 if n >= 64 else step)
     return lengths
-
-
-@torch.no_grad()
-def block_influence(model: RoutedModel, input_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """ShortGPT's Block Influence [B]: mean over tokens of 1 - cos(block input, block output)."""
-    hidden = model(input_ids, cu_seqlens, return_hidden=True).hidden
-    return torch.stack([1 - F.cosine_similarity(a, b, dim=-1).mean() for a, b in zip(hidden[:-1], hidden[1:])])
-
-
-# ---- baseline decisions [B, T] ----------------------------------------------
-
-def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None) -> Tensor:
-    """Static router on each prompt at each block's sparsity; the always-kept tokens too.
-    Continuation tokens are kept: a decode token is the most recent token, which it keeps."""
-    tok = Tokens.of(cu_seqlens, prompt_lens)
-    rows = []
-    for s in sparsity:
-        keep = tok.always | ~tok.is_prompt
-        bounds, prompt = cu_seqlens.tolist(), tok.prompt_cu.tolist()
-        for r, start in enumerate(bounds[:-1]):
-            n = prompt[r + 1] - prompt[r]
-            keep[start:start + n] |= R.static_router_keep(n, float(s))
-        rows.append(keep)
-    return torch.stack(rows)
-
-
-def random_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None, generator=None) -> Tensor:
-    """Random token choice at each block's sparsity (always-kept tokens and continuation kept)."""
-    tok = Tokens.of(cu_seqlens, prompt_lens)
-    noise = torch.rand(len(sparsity), len(tok.positions), generator=generator)
-    return torch.stack([_prompt_topk(n, tok, float(s)) for n, s in zip(noise, sparsity)])
-
-
-def change_selector(sparsity, recency: float = 0.0) -> BlockSelector:
-    """An oracle for analysis, not a servable rule (it needs the block's output): each prompt
-    keeps the top-k tokens, at each block's sparsity, by how much the block changes them,
-    1 - cos(input, output) standardised within the request, plus `recency` x pos (the static
-    router's order by recency; 0: the change alone).  Always-kept tokens and continuation kept."""
-
-    def select(b: int, h_in: Tensor, h_out: Tensor, tok: Tokens) -> Tensor | None:
-        if sparsity[b] == 0:
-            return None
-        change = 1 - F.cosine_similarity(h_in, h_out, dim=-1)
-        count = torch.bincount(tok.requests).float()[tok.requests]
-        mean = torch.bincount(tok.requests, change)[tok.requests] / count
-        std = (torch.bincount(tok.requests, (change - mean) ** 2)[tok.requests] / count).sqrt()
-        score = (change - mean) / std.clamp_min(1e-6) + recency * R.position_feature(tok.positions, tok.prompt_lens)
-        return _prompt_topk(score, tok, float(sparsity[b]))
-
-    return select
-
-
-def _prompt_topk(scores: Tensor, tok: Tokens, sparsity: float, keep: Tensor | None = None) -> Tensor:
-    """Top-k of each prompt by `scores`; other tokens keep `keep` (default: kept)."""
-    keep = torch.ones_like(tok.always) if keep is None else keep.clone()
-    keep[tok.is_prompt] = R.topk_keep(scores[tok.is_prompt], tok.prompt_cu, sparsity, tok.always[tok.is_prompt])
-    return keep
-
-
-def shortgpt_keep(num_blocks: int, num_tokens: int, dropped) -> Tensor:
-    """ShortGPT: the dropped blocks skip every token."""
-    keep = torch.ones(num_blocks, num_tokens, dtype=torch.bool)
-    keep[list(dropped)] = False
-    return keep
-
-
-def shortgpt_blocks(influence: Tensor, n: int) -> list[int]:
-    """The n blocks of lowest Block Influence."""
-    return sorted(influence.argsort()[:n].tolist())

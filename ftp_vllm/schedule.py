@@ -13,8 +13,9 @@ rest are scored as a continuation under the decode rule, and the score is the
 mean KL(dense || pruned) of the continuation's next-token distributions.
 Full-sequence perplexity would mostly measure skipped prompt tokens' own
 predictions, which serving never uses.  The same chunks cut into short prompts
-(`ContinuationBatch.short_windows`) can add their KL to it, so the search also
-sees the shortest routed prompts (64 tokens), the length a cloze context has.
+(`evaluation.ContinuationBatch.short_windows`) can add their KL to it, so the
+search also sees the shortest routed prompts (64 tokens), the length a cloze
+context has.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from .reference import RoutedModel, static_keep
+from .baselines import static_keep
+from .evaluation import ContinuationBatch, continuation_logprobs, kl_and_nll
+from .reference import Calibrating, GivenMasks, RoutedModel
 from .router import Router
 
 Fitness = Callable[[list[float]], float]
@@ -42,54 +41,7 @@ class SearchResult:
     best_per_generation: list[float] = field(default_factory=list)
 
 
-# ---- serving-semantics quality ------------------------------------------------
-
-@dataclass
-class ContinuationBatch:
-    """Chunks packed as requests: prompt = first `context` tokens, the rest a continuation."""
-
-    input_ids: Tensor
-    cu_seqlens: Tensor
-    prompt_lens: Tensor
-    scored: Tensor  # token indices whose logits predict a continuation token
-    targets: Tensor  # the continuation tokens they predict
-
-    @classmethod
-    def of(cls, chunks: Tensor, context: int) -> ContinuationBatch:
-        n, length = chunks.shape
-        starts = torch.arange(n) * length
-        offsets = torch.arange(context - 1, length - 1)
-        scored = (starts[:, None] + offsets).reshape(-1)
-        ids = chunks.reshape(-1)
-        return cls(ids, starts.new_tensor([*starts.tolist(), n * length]), torch.full((n,), context), scored, ids[scored + 1])
-
-    def prompts(self) -> Tensor:
-        """The prompt parts [N, context] of the chunks."""
-        return self.input_ids.view(len(self.prompt_lens), -1)[:, : int(self.prompt_lens[0])]
-
-    def short_windows(self, context: int) -> ContinuationBatch:
-        """The chunks cut into windows of a `context`-token prompt and the same continuation:
-        how the shortest routed prompts fare, where an always-kept token weighs most and a
-        skipped one leaves a later token less to attend to."""
-        chunks = self.input_ids.view(len(self.prompt_lens), -1)
-        length = context + chunks.shape[1] - int(self.prompt_lens[0])
-        if not 0 < context < length <= chunks.shape[1]:
-            raise ValueError(f"no {context}-token prompt and continuation fit in {chunks.shape[1]}-token chunks")
-        return ContinuationBatch.of(chunks[:, : chunks.shape[1] // length * length].reshape(-1, length), context)
-
-
-@torch.no_grad()
-def continuation_logprobs(model: RoutedModel, batch: ContinuationBatch, **routing) -> Tensor:
-    out = model(batch.input_ids, batch.cu_seqlens, batch.prompt_lens, logits_at=batch.scored, **routing)
-    return F.log_softmax(out.logits.float(), -1)
-
-
-def kl_and_nll(logprobs: Tensor, dense_logprobs: Tensor, targets: Tensor) -> tuple[float, float]:
-    """(mean KL(dense || pruned), mean NLL of the true continuation) over scored tokens."""
-    kl = (dense_logprobs.exp() * (dense_logprobs - logprobs)).sum(-1).mean()
-    nll = -logprobs.gather(-1, targets[:, None]).mean()
-    return float(kl), float(nll)
-
+# ---- fitness -------------------------------------------------------------------
 
 def static_fitness(model: RoutedModel, batch: ContinuationBatch) -> Fitness:
     """Continuation KL with the static router at a candidate prompt schedule (its decode
@@ -98,7 +50,7 @@ def static_fitness(model: RoutedModel, batch: ContinuationBatch) -> Fitness:
 
     def fitness(schedule: list[float]) -> float:
         keep = static_keep(batch.cu_seqlens, schedule, batch.prompt_lens)
-        return kl_and_nll(continuation_logprobs(model, batch, keep=keep), dense, batch.targets)[0]
+        return kl_and_nll(continuation_logprobs(model, batch, GivenMasks(keep)), dense, batch.targets)[0]
 
     return fitness
 
@@ -112,7 +64,7 @@ def router_fitness(
 
     def fitness(schedule: list[float]) -> float:
         router.set_schedule(schedule, decode_schedule(schedule))
-        return kl_and_nll(continuation_logprobs(model, batch, router=router, mode="calibrate"), dense, batch.targets)[0]
+        return kl_and_nll(continuation_logprobs(model, batch, Calibrating(router)), dense, batch.targets)[0]
 
     return fitness
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .losses import ftp_loss, guide_loss, guide_weight
-from .reference import RoutedModel, Tokens, static_keep
+from .baselines import static_keep
+from .reference import RoutedModel, Tokens, TrainingGate
 from .router import Router
 
 
@@ -29,15 +30,15 @@ def train_router(
     guide_decay: float = 0.5,
     weights=(1.0, 1.0, 1.0),
     progress: bool = False,
-    mode: str = "train",
+    calibrated: bool = False,
 ) -> list[dict[str, float]]:
     """Train `router.mlp` on (input_ids, cu_seqlens[, distill_at[, prompt_lens]]) batches (cycled)
     for `steps` steps; the guide weight reaches zero after `guide_decay` of them.  `distill_at`
     (token indices) limits distillation to the tokens whose outputs serving uses, and saves the
     LM head elsewhere; with `prompt_lens` the rest of each request is a continuation, routed by
-    the decode schedule.  `mode` is the reference's training gate ("train": p > 0.5;
-    "train-calibrated": thresholds at the targets).  The dense logits of each batch are
-    computed once.  Returns per-step losses."""
+    the decode schedule.  The training gate (`reference.TrainingGate`) is p > 0.5, or with
+    `calibrated` thresholds at the targets.  The dense logits of each batch are computed once.
+    Returns per-step losses."""
     from tqdm.auto import tqdm
 
     optimiser = torch.optim.AdamW(router.mlp.parameters(), lr=lr)
@@ -53,7 +54,7 @@ def train_router(
             with torch.no_grad():
                 dense_cache[i] = model(input_ids, cu_seqlens, logits_at=distill_at).logits
         teacher = static_keep(cu_seqlens, targets.tolist(), prompt_lens)
-        out = model(input_ids, cu_seqlens, prompt_lens, router=router, mode=mode, temperature=temperature,
+        out = model(input_ids, cu_seqlens, prompt_lens, keep=TrainingGate(router, temperature, calibrated),
                     logits_at=distill_at)
         guide_scale = guide_weight(step, int(guide_decay * steps))
         total, parts = ftp_loss(out, dense_cache[i], teacher, targets, guide_scale, weights)

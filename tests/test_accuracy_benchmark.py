@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ftp_vllm import baselines as B
 from ftp_vllm import evaluation as E
+from ftp_vllm.reference import is_prompt
 from ftp_vllm.router import Router
 from tests.conftest import ROOT, calibrated_router
 
@@ -88,7 +90,7 @@ def test_routed_prompt_leaves_out_prompts_below_min_prompt():
     cu, prompt_lens = torch.tensor([0, 5, 8, 14]), torch.tensor([3, 3, 5])  # 5 and 8 tokens in; 3 dense
     routed = E.Method("ftp", router=router).routed_prompt(cu, prompt_lens)
     assert routed.tolist() == [0] * 8 + [1] * 5 + [0]
-    assert E.Method("shortgpt").routed_prompt(cu, prompt_lens).tolist() == E.is_prompt(cu, prompt_lens).tolist()
+    assert E.Method("shortgpt").routed_prompt(cu, prompt_lens).tolist() == is_prompt(cu, prompt_lens).tolist()
 
 
 def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
@@ -101,9 +103,9 @@ def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
     ci, cc = E._pack(contexts)
     bi, bc = E._pack(branches)
     methods = [E.Method("dense"), E.Method("ftp", router=router),
-               E.Method("static", keep_rule=E.static_rule([0.0, 0.5, 0.5, 0.0])),
-               E.Method("shortgpt", keep_rule=E.shortgpt_rule(4, [1, 2])),
-               E.Method("shortgpt-prompt", keep_rule=E.shortgpt_prompt_rule(4, [1, 2]))]
+               E.Method("static", keep_rule=B.static_rule([0.0, 0.5, 0.5, 0.0])),
+               E.Method("shortgpt", keep_rule=B.shortgpt_rule(4, [1, 2])),
+               E.Method("shortgpt-prompt", keep_rule=B.shortgpt_prompt_rule(4, [1, 2]))]
     for method in methods:
         counter = E.SkipCounter()
         got = E.branch_logprobs(model, method, ci, cc, bi, bc, owner, counter)
@@ -112,7 +114,7 @@ def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
             ctx = contexts[owner[n]]
             ids, cu, pl = torch.tensor(ctx + branch), torch.tensor([0, len(ctx) + len(branch)]), torch.tensor([len(ctx)])
             with torch.inference_mode():
-                lp = F.log_softmax(model(ids, cu, pl, **method.routing(cu, pl)).logits, -1)
+                lp = F.log_softmax(model(ids, cu, pl, keep=method.policy(cu, pl)).logits, -1)
             want.append(sum(lp[len(ctx) - 1 + t, tok] for t, tok in enumerate(branch)))
         torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-5)
         if method.method == "ftp":
@@ -121,18 +123,18 @@ def test_branches_equal_one_pass_per_candidate(tiny_llama_ref):
 
 def test_shortgpt_prompt_rule_drops_blocks_for_prompt_tokens_only():
     cu, prompt_lens = torch.tensor([0, 10, 16]), torch.tensor([7, 6])
-    keep = E.shortgpt_prompt_rule(4, [1, 3])(cu, prompt_lens)
-    prompt = E.is_prompt(cu, prompt_lens)
+    keep = B.shortgpt_prompt_rule(4, [1, 3])(cu, prompt_lens)
+    prompt = is_prompt(cu, prompt_lens)
     assert keep[[0, 2]].all()
     assert torch.equal(keep[1], ~prompt) and torch.equal(keep[3], ~prompt)
 
 
 def test_random_rule_routes_decode_tokens_deterministically():
     cu, prompt_lens = torch.tensor([0, 40, 80]), torch.tensor([30, 30])
-    a = E.random_rule([0.0, 0.5], [0.0, 0.5], seed=1)(cu, prompt_lens)
-    b = E.random_rule([0.0, 0.5], [0.0, 0.5], seed=1)(cu, prompt_lens)
+    a = B.random_rule([0.0, 0.5], [0.0, 0.5], seed=1)(cu, prompt_lens)
+    b = B.random_rule([0.0, 0.5], [0.0, 0.5], seed=1)(cu, prompt_lens)
     assert torch.equal(a, b) and a[0].all()
-    decode = ~E.is_prompt(cu, prompt_lens)
+    decode = ~is_prompt(cu, prompt_lens)
     assert 0 < (~a[1][decode]).float().mean() < 1
     assert (~a[1][~decode]).float().mean() == pytest.approx(0.5, abs=0.05)
 

@@ -2,15 +2,8 @@ import math
 
 import torch
 
-from ftp_vllm.reference import (
-    block_influence,
-    change_selector,
-    random_keep,
-    rotate,
-    shortgpt_blocks,
-    shortgpt_keep,
-    static_keep,
-)
+from ftp_vllm.baselines import block_influence, change_oracle, random_keep, shortgpt_blocks, shortgpt_keep, static_keep
+from ftp_vllm.reference import GivenMasks, PromptTopK, Served, rotate
 
 from ftp_vllm.router import calibrate_threshold
 
@@ -50,7 +43,7 @@ def test_skipped_token_passes_through_and_lends_its_kv(tiny):
     ids, cu = packed_batch([10], seed=1)
     keep = torch.ones(tiny.num_blocks, 10, dtype=torch.bool)
     keep[1, [3, 6]] = False
-    out = tiny(ids, cu, keep=keep, return_hidden=True)
+    out = tiny(ids, cu, keep=GivenMasks(keep), return_hidden=True)
     h_in, h_out = out.hidden[1], out.hidden[2]
     assert torch.equal(h_out[3], h_in[3]) and torch.equal(h_out[6], h_in[6])
     with torch.no_grad():
@@ -63,10 +56,10 @@ def test_skipped_token_passes_through_and_lends_its_kv(tiny):
 
 def test_features_and_decisions_look_backwards(tiny):
     router, ids, cu, _ = calibrated_router(tiny, [0.0, 0.4, 0.4, 0.0], lengths=(30,))
-    base = tiny(ids, cu, router=router)
+    base = tiny(ids, cu, keep=Served(router))
     changed = ids.clone()
     changed[20] = (changed[20] + 17) % 1000
-    out = tiny(changed, cu, router=router)
+    out = tiny(changed, cu, keep=Served(router))
     assert torch.equal(out.router_logits[:, :20], base.router_logits[:, :20])
     assert torch.equal(out.keep[:, :20], base.keep[:, :20])
     assert not torch.equal(out.router_logits[:, 20:], base.router_logits[:, 20:])
@@ -80,13 +73,13 @@ def test_prompt_then_decode_equals_token_by_token(tiny):
     # Put the decode thresholds of the routed blocks mid-way through this
     # continuation's logits (between two of them: float noise must not flip
     # a decision), so that the decode rule both keeps and skips.
-    logits = tiny(ids, cu, prompt, router=router).router_logits
+    logits = tiny(ids, cu, prompt, keep=Served(router)).router_logits
     for b in (1, 2):
         router.threshold_decode[b] = calibrate_threshold(logits[b, 31:], 0.5)
-    full = tiny(ids, cu, prompt, router=router)
+    full = tiny(ids, cu, prompt, keep=Served(router))
     assert not full.keep[1:3, 31:].all() and full.keep[1:3, 31:].any()
     for n in range(30, 41):
-        part = tiny(ids[:n], torch.tensor([0, n]), prompt, router=router)
+        part = tiny(ids[:n], torch.tensor([0, n]), prompt, keep=Served(router))
         torch.testing.assert_close(part.logits[-1], full.logits[n - 1], atol=1e-5, rtol=1e-5)
         assert torch.equal(part.keep, full.keep[:, :n])
 
@@ -94,7 +87,7 @@ def test_prompt_then_decode_equals_token_by_token(tiny):
 def test_calibrated_thresholds_realise_targets(tiny):
     targets = [0.0, 0.25, 0.6, 0.4]
     router, ids, cu, calib = calibrated_router(tiny, targets, lengths=(50, 50))
-    out = tiny(ids, cu, router=router)
+    out = tiny(ids, cu, keep=Served(router))
     assert torch.equal(out.keep, calib.keep)
     realised = 1 - out.keep.float().mean(1)
     assert (realised - torch.tensor(targets)).abs().max() <= 0.01
@@ -111,9 +104,9 @@ def test_decode_threshold_has_its_own_target(tiny):
     assert (realised - torch.tensor([0.0, 0.1, 0.2, 0.0])).abs().max() <= 0.01
 
 
-def test_topk_mode_prompt_sparsity(tiny):
+def test_prompt_topk_sparsity(tiny):
     router, ids, cu, _ = calibrated_router(tiny, [0.0, 0.3, 0.3, 0.0], lengths=(20, 20))
-    out = tiny(ids, cu, router=router, mode="topk")
+    out = tiny(ids, cu, keep=PromptTopK(router))
     assert out.keep[1:3, :20].sum(1).tolist() == [14, 14]
 
 
@@ -129,7 +122,7 @@ def test_baselines(tiny):
     influence = block_influence(tiny, ids, cu)
     assert influence.shape == (tiny.num_blocks,)
     drop = shortgpt_blocks(influence, 1)
-    out = tiny(ids, cu, keep=shortgpt_keep(tiny.num_blocks, 24, drop), return_hidden=True)
+    out = tiny(ids, cu, keep=GivenMasks(shortgpt_keep(tiny.num_blocks, 24, drop)), return_hidden=True)
     assert torch.equal(out.hidden[drop[0] + 1], out.hidden[drop[0]])
 
 
@@ -140,7 +133,7 @@ def test_change_oracle(tiny):
     ids, cu = packed_batch([12, 12], seed=4)
     prompt = torch.tensor([10, 10])
     schedule = [0.0, 0.5, 0.5, 0.0]
-    out = tiny(ids, cu, prompt, keep=change_selector(schedule))
+    out = tiny(ids, cu, prompt, keep=change_oracle(schedule))
     hidden = tiny(ids, cu, prompt, return_hidden=True).hidden
     change = 1 - torch.nn.functional.cosine_similarity(hidden[1], hidden[2], dim=-1)
     for start in (0, 12):
@@ -151,9 +144,9 @@ def test_change_oracle(tiny):
         assert out.keep[1, start:start + 12].tolist() == expected.tolist()
     assert out.keep[[0, 3]].all()
     static = static_keep(cu, schedule, prompt)
-    recent = tiny(ids, cu, prompt, keep=change_selector(schedule, recency=1e3))
+    recent = tiny(ids, cu, prompt, keep=change_oracle(schedule, recency=1e3))
     assert torch.equal(recent.keep, static)
-    assert torch.allclose(recent.logits, tiny(ids, cu, prompt, keep=static).logits)
+    assert torch.allclose(recent.logits, tiny(ids, cu, prompt, keep=GivenMasks(static)).logits)
 
 
 def test_short_prompt_thresholds_hit_the_target_at_each_length(tiny):
@@ -173,7 +166,7 @@ def test_short_prompt_thresholds_hit_the_target_at_each_length(tiny):
     assert torch.equal(router.threshold_prompt, long_thresholds)
     for L in (8, 16):
         cut = prompts.reshape(-1, L)
-        keep = tiny(cut.reshape(-1), torch.arange(len(cut) + 1) * L, torch.full((len(cut),), L), router=router).keep
+        keep = tiny(cut.reshape(-1), torch.arange(len(cut) + 1) * L, torch.full((len(cut),), L), keep=Served(router)).keep
         skipped = SkipCounter.of(keep, torch.ones(keep.shape[1], dtype=torch.bool)).per_block["prompt"]
         for b, s in enumerate(schedule):  # calibrate_threshold skips round(s n) of the n tokens it saw
             assert skipped[b] == round(s * keep.shape[1]), (L, b)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ftp_vllm.schedule import ContinuationBatch, genetic_search, scaled_schedule, static_fitness
+from ftp_vllm.evaluation import ContinuationBatch
+from ftp_vllm.schedule import genetic_search, scaled_schedule, static_fitness
 
 from .conftest import packed_batch
 

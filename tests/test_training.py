@@ -1,7 +1,8 @@
 import torch
 
 from ftp_vllm.losses import distill_loss, ftp_loss, guide_weight, sparsity_hinge
-from ftp_vllm.reference import static_keep
+from ftp_vllm.baselines import static_keep
+from ftp_vllm.reference import TrainingGate
 from ftp_vllm.train import train_router
 
 from .conftest import calibrated_router, packed_batch
@@ -27,27 +28,27 @@ def test_sparsity_hinge():
 def test_hinge_on_model_zero_when_met_positive_when_under_pruned(tiny_llama_ref):
     targets = torch.tensor(TARGETS)
     router, ids, cu = routed_with_bias(tiny_llama_ref, -20.0)  # skips all but forced tokens
-    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    out = tiny_llama_ref(ids, cu, keep=TrainingGate(router))
     assert sparsity_hinge(out.keep_prob, targets) == 0
     router, ids, cu = routed_with_bias(tiny_llama_ref, 20.0)  # keeps everything
-    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    out = tiny_llama_ref(ids, cu, keep=TrainingGate(router))
     assert torch.isclose(sparsity_hinge(out.keep_prob, targets), targets.sum())
 
 
 def test_distillation_zero_when_nothing_skipped(tiny_llama_ref):
     router, ids, cu = routed_with_bias(tiny_llama_ref, 20.0)
     dense = tiny_llama_ref(ids, cu).logits
-    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    out = tiny_llama_ref(ids, cu, keep=TrainingGate(router))
     assert out.keep.all()
     assert distill_loss(out.logits, dense).abs() < 1e-6
-    skip = tiny_llama_ref(ids, cu, router=routed_with_bias(tiny_llama_ref, -20.0)[0], mode="train")
+    skip = tiny_llama_ref(ids, cu, keep=TrainingGate(routed_with_bias(tiny_llama_ref, -20.0)[0]))
     assert distill_loss(skip.logits, dense) > 1e-4
 
 
 def test_all_losses_reach_the_router(tiny_llama_ref):
     router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(24, 24))
     dense = tiny_llama_ref(ids, cu).logits
-    out = tiny_llama_ref(ids, cu, router=router, mode="train")
+    out = tiny_llama_ref(ids, cu, keep=TrainingGate(router))
     total, parts = ftp_loss(out, dense, static_keep(cu, TARGETS), torch.tensor(TARGETS), guide_weight(0, 10))
     total.backward()
     assert all(v.isfinite() for v in parts.values()) and parts["distill"] > 0
@@ -71,11 +72,11 @@ def test_train_router_runs_all_losses(tiny_llama_ref):
     assert len(history) == 3 and history[-1]["guide"] >= 0 and all(torch.isfinite(torch.tensor(h["total"])) for h in history)
 
 
-def test_train_mode_keeps_tokens_of_a_kind_with_zero_target(tiny_llama_ref):
+def test_training_gate_keeps_tokens_of_a_kind_with_zero_target(tiny_llama_ref):
     router, ids, cu = routed_with_bias(tiny_llama_ref, -20.0)  # would skip every free token
     router.set_schedule(TARGETS, [0.0] * len(TARGETS))
     prompt_lens = torch.tensor([16, 16])
-    out = tiny_llama_ref(ids, cu, prompt_lens, router=router, mode="train")
+    out = tiny_llama_ref(ids, cu, prompt_lens, keep=TrainingGate(router))
     continuation = torch.cat([torch.arange(16, 24), torch.arange(40, 48)])
     assert out.keep[:, continuation].all() and not out.keep[1, 1:15].any()
 
@@ -96,13 +97,13 @@ def test_fit_guide_reproduces_the_static_router(tiny_llama_ref):
 
 
 def test_calibrated_training_gate_realises_the_targets_on_every_pass(tiny_llama_ref):
-    """"train-calibrated": whatever the MLP's offset, hard decisions skip the targets' share
+    """The calibrated training gate: whatever the MLP's offset, hard decisions skip the targets' share
     of free tokens, so training shapes the ranking, not the rate."""
     for bias in (-20.0, 0.0, 20.0):
         router, ids, cu, _ = calibrated_router(tiny_llama_ref, TARGETS, lengths=(40, 40))
         with torch.no_grad():
             router.mlp.fc2.bias.add_(bias)
-        out = tiny_llama_ref(ids, cu, router=router, mode="train-calibrated")
+        out = tiny_llama_ref(ids, cu, keep=TrainingGate(router, calibrated=True))
         skipped = 1 - out.keep.float().mean(1)
         assert torch.allclose(skipped, torch.tensor([0.0, 32 / 80, 32 / 80, 0.0])), skipped
         assert out.keep_prob.requires_grad
