@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,74 +118,121 @@ def router_search(fitness: Fitness, s: TrainSettings, sparsity: float, generatio
                           generations=generations, seed=s.seed + 1, initial=[initial], progress=progress, desc=desc)
 
 
-def _stage(log: dict, name: str, start: float) -> float:
-    now = time.perf_counter()
-    log[name] = round(now - start, 1)
-    return now
+@contextmanager
+def timed(log: dict, name: str):
+    """Record the wall time of the `with` block in `log[name]`, in seconds."""
+    start = time.perf_counter()
+    yield
+    log[name] = round(time.perf_counter() - start, 1)
 
 
 def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict]:
     """Run the whole pipeline; returns the checkpoint folder and its config."""
-    from transformers import AutoTokenizer
-
-    from .train import fit_guide, train_router
-
     s = settings
-    t0 = start = time.perf_counter()
+    t0 = time.perf_counter()
     stages: dict[str, float] = {}
     torch.manual_seed(s.seed)
+    with timed(stages, "load"):
+        folder, model, tokenizer = load_model(s)
+        search_text, calib_text, train_text = calibration_split(tokenizer, s)
+        eval_text = evaluation_split(tokenizer, s)
+    decode_of = decode_schedule_of(s)
+    searched = search_batches(search_text, s)
+    with timed(stages, "static_search"):
+        static = static_search(model, searched, s)
+    with timed(stages, "input_calibration_and_warm_start"):
+        router, guide_fit = warm_started_router(model, static.schedule, decode_of, calib_text, s)
+    with timed(stages, "training"):
+        warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
+        history = train_on_chunks(model, router, train_text, s)
+        fitness = searched_fitness(model, router, searched, decode_of)
+        selection = {**keep_better_mlp(router, warm, fitness, static.schedule), "guide_fit_loss": round(guide_fit, 5)}
+    with timed(stages, "router_search"):
+        tuned = router_search(fitness, s, s.sparsity, s.router_generations, static.schedule,
+                              "schedule search (trained router)", s.progress)
+        router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
+    with timed(stages, "thresholds_and_evaluation"):
+        reached = calibrate_and_measure(model, router, calib_text, eval_text)
+    training = {"command": command, "loss": loss_summary(history), "selection": selection,
+                "wall_time_s": round(time.perf_counter() - t0, 1), "stage_wall_time_s": stages}
+    config = training_config(s, folder, static, tuned, reached, training, len(train_text))
+    out = save_checkpoint(s.out, router, config)
+    return out, load_checkpoint(out)[1]
+
+
+def load_model(s: TrainSettings):
+    """(model folder, reference model, tokenizer); with a device other than the CPU, text, router
+    and scratch tensors are made there too."""
+    from transformers import AutoTokenizer
+
     folder = resolve_model(s.model)
-    if s.device != "cpu":  # text, router and scratch tensors are made where the model is
+    if s.device != "cpu":
         torch.set_default_device(s.device)
     model = RoutedModel.from_pretrained(folder).to(s.device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    B = model.num_blocks
-    search_text, calib_text, train_text = calibration_split(tokenizer, s)
-    eval_text = evaluation_split(tokenizer, s)
-    decode_of = (lambda sched: list(sched)) if s.decode_sparsity is None else (lambda sched: scaled_schedule(sched, s.decode_sparsity))
-    search_args = dict(upper=s.upper, step=s.step, population=s.population, seed=s.seed, progress=s.progress)
-    start = _stage(stages, "load", start)
+    return folder, model, AutoTokenizer.from_pretrained(folder)
 
-    searched = search_batches(search_text, s)
-    static = genetic_search(summed([static_fitness(model, b) for b in searched]), B, s.sparsity,
-                            generations=s.generations, desc="schedule search (static router)", **search_args)
-    start = _stage(stages, "static_search", start)
+
+def decode_schedule_of(s: TrainSettings):
+    """The decode schedule a prompt schedule implies: the same, or scaled to `decode_sparsity`."""
+    if s.decode_sparsity is None:
+        return lambda sched: list(sched)
+    return lambda sched: scaled_schedule(sched, s.decode_sparsity)
+
+
+def static_search(model: RoutedModel, searched: list[ContinuationBatch], s: TrainSettings) -> SearchResult:
+    """The first schedule search, with the static router (the router does not exist yet)."""
+    fitness = summed([static_fitness(model, b) for b in searched])
+    return genetic_search(fitness, model.num_blocks, s.sparsity, upper=s.upper, step=s.step, population=s.population,
+                          generations=s.generations, seed=s.seed, progress=s.progress,
+                          desc="schedule search (static router)")
+
+
+def warm_started_router(model: RoutedModel, schedule: list[float], decode_of, calib_text: ContinuationBatch,
+                        s: TrainSettings):
+    """A router at `schedule` with its inputs calibrated on a dense pass and its MLP fitted to the
+    static router's decisions; returns it and the final guide loss."""
+    from .train import fit_guide
 
     router = model.new_router(min_prompt=s.min_prompt, short_lengths=short_prompt_lengths(s.min_prompt, s.context),
                               threshold_length=s.context)
-    router.set_schedule(static.schedule, decode_of(static.schedule))
+    router.set_schedule(schedule, decode_of(schedule))
     calibrate_router_inputs(model, router, calib_text.input_ids, calib_text.cu_seqlens)
     guide_fit = fit_guide(model, router, calib_text.input_ids, calib_text.cu_seqlens, calib_text.prompt_lens,
                           steps=s.guide_fit_steps, seed=s.seed)
-    start = _stage(stages, "input_calibration_and_warm_start", start)
+    return router, guide_fit
 
-    warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
+
+def train_on_chunks(model: RoutedModel, router, train_text, s: TrainSettings) -> list[dict]:
+    """Router training on the training chunks, `train_batch` chunks a step, each served as in
+    evaluation; returns the per-step losses."""
+    from .train import train_router
+
     batches = [(b.input_ids, b.cu_seqlens, b.scored, b.prompt_lens)
                for b in (ContinuationBatch.of(train_text[i:i + s.train_batch], s.context)
                          for i in range(0, len(train_text), s.train_batch))]
-    history = train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
-                           guide_decay=s.guide_decay, progress=s.progress,
-                           calibrated=s.gate == "calibrated")
-    fitness = searched_fitness(model, router, searched, decode_of)
-    trained_kl = fitness(static.schedule)
+    return train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
+                        guide_decay=s.guide_decay, progress=s.progress, calibrated=s.gate == "calibrated")
+
+
+def keep_better_mlp(router, warm: dict, fitness: Fitness, schedule: list[float]) -> dict:
+    """Model selection on calibration text: the trained MLP stays only if its search-text
+    continuation KL at `schedule` beats the warm start's (`warm`, its state); both figures."""
+    trained_kl = fitness(schedule)
     trained = {k: v.clone() for k, v in router.mlp.state_dict().items()}
     router.mlp.load_state_dict(warm)
-    warm_kl = fitness(static.schedule)
+    warm_kl = fitness(schedule)
     chosen = "trained" if trained_kl < warm_kl else "warm start"
     router.mlp.load_state_dict(trained if chosen == "trained" else warm)
-    selection = {"search_text_continuation_kl": {"warm start": round(warm_kl, 5), "trained": round(trained_kl, 5)},
-                 "kept": chosen, "guide_fit_loss": round(guide_fit, 5)}
-    start = _stage(stages, "training", start)
+    return {"search_text_continuation_kl": {"warm start": round(warm_kl, 5), "trained": round(trained_kl, 5)},
+            "kept": chosen}
 
-    tuned = router_search(fitness, s, s.sparsity, s.router_generations, static.schedule,
-                          "schedule search (trained router)", s.progress)
-    router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
-    start = _stage(stages, "router_search", start)
 
-    reached = calibrate_and_measure(model, router, calib_text, eval_text)
-    start = _stage(stages, "thresholds_and_evaluation", start)
-
-    config = {
+def training_config(s: TrainSettings, folder, static: SearchResult, tuned: SearchResult, reached: dict,
+                    training: dict, train_chunks: int) -> dict:
+    """The checkpoint's config: the base model, what the router targets and reaches (`reached`),
+    both schedule searches, and how it was trained (`training`: command, loss, selection, wall
+    times)."""
+    return {
         "base_model": {"name": s.model if "/" not in s.model else Path(folder).name, **fingerprint(folder)},
         **reached,
         "search": {
@@ -193,23 +241,21 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
             "trained_router": asdict(tuned),
         },
         "training": {
-            "command": command,
+            "command": training["command"],
             "settings": {k: v for k, v in asdict(s).items() if k != "progress"},
             "data": {"calibration": "docstrings of standard-library modules (ftp_vllm.texts)",
                      "evaluation": "pydoc_data.topics, CPython's language reference (held out)",
                      "python": python_version(),
                      "chunks": {"search": s.search_chunks, "threshold_calibration": s.calib_chunks,
-                                "training": len(train_text), "evaluation": s.eval_chunks,
+                                "training": train_chunks, "evaluation": s.eval_chunks,
                                 "tokens_per_chunk": s.chunk_len}},
-            "loss": loss_summary(history),
-            "selection": selection,
-            "wall_time_s": round(time.perf_counter() - t0, 1),
-            "stage_wall_time_s": stages,
+            "loss": training["loss"],
+            "selection": training["selection"],
+            "wall_time_s": training["wall_time_s"],
+            "stage_wall_time_s": training["stage_wall_time_s"],
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         },
     }
-    out = save_checkpoint(s.out, router, config)
-    return out, load_checkpoint(out)[1]
 
 
 def calibrate_and_measure(model: RoutedModel, router, calib_text: ContinuationBatch,

@@ -29,6 +29,10 @@ def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert abs(cal["prompt"]["mean"] - 0.3) < 0.05 and abs(cal["decode"]["mean"] - 0.15) < 0.1
     assert router.short_lengths and router.threshold_length == 24
     assert list(config["realised_sparsity"]["short_prompts"]) == [str(n) for n in router.short_lengths]
+    stages = config["training"]["stage_wall_time_s"]
+    assert list(stages) == ["load", "static_search", "input_calibration_and_warm_start", "training", "router_search",
+                            "thresholds_and_evaluation"]
+    assert sum(stages.values()) <= config["training"]["wall_time_s"] + 0.5
 
 
 def test_calibrate_short_prompts_cli_upgrades_an_older_checkpoint(tiny_llama, tmp_path, capsys):
