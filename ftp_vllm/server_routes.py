@@ -14,12 +14,11 @@ import json
 import os
 from pathlib import Path
 
-STATS_ENV = "FTP_VLLM_STATS"
-ROUTER_ENV = "FTP_VLLM_ROUTER"
+from ftp_vllm import envs
 
 
 def read_stats() -> dict:
-    path = os.environ.get(STATS_ENV)
+    path = envs.FTP_VLLM_STATS
     try:
         return json.loads(Path(path).read_text()) if path else {}
     except (OSError, ValueError):  # not written yet (no request so far) or being replaced
@@ -29,7 +28,7 @@ def read_stats() -> dict:
 def router_description() -> dict:
     from ftp_vllm.checkpoint import load_checkpoint
 
-    path = os.environ.get(ROUTER_ENV)
+    path = envs.FTP_VLLM_ROUTER
     if not path:
         return {}
     _, config = load_checkpoint(path)
@@ -103,8 +102,8 @@ def install_server_routes(args, router_path: str) -> None:
 
     from prometheus_client import REGISTRY
 
-    os.environ[ROUTER_ENV] = router_path
-    os.environ.setdefault(STATS_ENV, os.path.join(tempfile.mkdtemp(prefix="ftp-vllm-"), "stats.json"))
+    os.environ["FTP_VLLM_ROUTER"] = router_path
+    os.environ.setdefault("FTP_VLLM_STATS", os.path.join(tempfile.mkdtemp(prefix="ftp-vllm-"), "stats.json"))
     if hasattr(args, "middleware"):
         args.middleware = [*(args.middleware or []), f"{__name__}.FTPRoutes"]
     if not getattr(REGISTRY, "_ftp_collector", False):

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ftp_vllm.models import routed
-from ftp_vllm.router import Router
+from ftp_vllm.models import routing
+from ftp_vllm.models.routing import RoutingState
+from ftp_vllm.models.step import StepPrompts, StepRouting
+from ftp_vllm.router import Router, hidden_scores, local_index, request_ids
 
 BLOCK_SIZE = 16
 
@@ -28,26 +30,26 @@ def step_metadata(requests):
     slots = block_table[rid, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
     metadata = SimpleNamespace(num_actual_tokens=len(positions), query_start_loc=torch.tensor([0, *lengths]).cumsum(0),
                                slot_mapping=slots, block_table=block_table, seq_lens=torch.tensor(seq_lens))
-    routed._StepPrompts.prompt_lens = torch.tensor([p for p, _, _ in requests])
+    StepPrompts.prompt_lens = torch.tensor([p for p, _, _ in requests])
     return metadata, positions, first * BLOCK_SIZE
 
 
 @pytest.fixture
 def state(monkeypatch):
-    monkeypatch.setattr(routed, "get_tensor_model_parallel_world_size", lambda: 1)
-    monkeypatch.setattr(routed._StepPrompts, "prompt_lens", None)
+    monkeypatch.setattr(routing, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(StepPrompts, "prompt_lens", None)
     router = Router(3, 1, 4, min_prompt=64)
     router.set_schedule([0.0, 0.3, 0.3], [0.0, 0.0, 0.2])  # block 2 routes decode tokens too
     router.threshold_prompt.fill_(0.1)
     router.threshold_decode.fill_(-0.1)
-    s = routed.RoutingState(router, {}, BLOCK_SIZE)
+    s = RoutingState(router, {}, BLOCK_SIZE)
     s.score_weight, s.score_bias = torch.randn(3, 8), torch.randn(3)
     return s
 
 
 def begin(state, requests):
     metadata, positions, num_slots = step_metadata(requests)
-    state.step = routed.StepRouting.of(metadata, positions, state.router.routes_prompt)
+    state.step = StepRouting.of(metadata, positions, state.router.routes_prompt)
     state.step.with_context(metadata, BLOCK_SIZE)
     return metadata, positions, num_slots
 
@@ -71,13 +73,13 @@ def test_blocks_decide_on_the_requests_they_route_as_on_the_whole_step(state):
     cu = metadata.query_start_loc
     n_past = metadata.seq_lens - (cu[1:] - cu[:-1])
     past_cu = torch.cat([torch.zeros(1, dtype=torch.long), n_past.cumsum(0)])
-    rid, pos = routed.request_ids(past_cu), routed.local_index(past_cu)
+    rid, pos = request_ids(past_cu), local_index(past_cu)
     past_slots = metadata.block_table[rid, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
     router, step = state.router, state.step
     for block, chosen in ((1, [1, 3]), (2, [0, 1, 3])):
         past = state.score_cache[block, past_slots].clone()
         got = state.decide(block, normed, None, positions, num_slots)
-        scores = routed.hidden_scores(normed, state.score_weight[block], state.score_bias[block])
+        scores = hidden_scores(normed, state.score_weight[block], state.score_bias[block])
         logits = router.block_logits(block, scores, positions, step.prompt_lens, cu, past, past_cu)
         want = router.keep(block, logits, positions, step.prompt_lens)
         assert torch.equal(got, want)
@@ -86,3 +88,38 @@ def test_blocks_decide_on_the_requests_they_route_as_on_the_whole_step(state):
         tokens = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in chosen])
         assert torch.equal(batch.tokens, tokens)
         assert torch.equal(batch.past_slots, torch.cat([past_slots[past_cu[r]:past_cu[r + 1]] for r in chosen]))
+
+
+def test_realised_sparsity_counts_decisions_and_blocks_that_keep_every_token(state):
+    """Decided blocks count their keep masks; a block that keeps every token of the step counts
+    all of them, once, when the step ends."""
+    requests = [(80, 99, 1), (100, 50, 50), (120, 0, 70)]
+    metadata, positions, num_slots = begin(state, requests)
+    state.score_cache = torch.zeros(3, num_slots)
+    normed = torch.randn(len(positions), 8)
+    state.keep_all(2, torch.randn(len(positions)), num_slots)
+    keep = state.decide(1, normed, None, positions, num_slots)
+    state.end_step(positions)
+    counts = state.telemetry.counts.tolist()
+    num_prompt = 120
+    assert counts[2] == [num_prompt, num_prompt, 1, 1]
+    is_prompt = state.step.is_prompt
+    assert counts[1] == [int((keep & is_prompt).sum()), num_prompt, int((keep & ~is_prompt).sum()), 1]
+    assert counts[1][0] < num_prompt
+    assert counts[0] == [0, 0, 0, 0]
+    stats = state.stats()
+    assert (stats["prompt_tokens"], stats["decode_tokens"]) == (num_prompt, 1)
+    assert stats["prompt_sparsity"] == pytest.approx((num_prompt - counts[1][0]) / (3 * num_prompt))
+
+
+def test_settings_are_read_when_a_model_is_built(monkeypatch):
+    """One process may build several engines under different settings: each reads its own."""
+    router = Router(3, 1, 4)
+    monkeypatch.setenv("FTP_VLLM_PATH", "simple")
+    monkeypatch.setenv("FTP_VLLM_SCORE", "keys")
+    assert not RoutingState(router, {}, BLOCK_SIZE).fast
+    assert RoutingState(router, {}, BLOCK_SIZE).scores_keys
+    monkeypatch.delenv("FTP_VLLM_PATH")
+    monkeypatch.delenv("FTP_VLLM_SCORE")
+    state = RoutingState(router, {}, BLOCK_SIZE)
+    assert state.fast and not state.scores_keys
