@@ -123,34 +123,36 @@ def compare_serving_steps(args) -> int:
     """`--serving-steps`: stock and the router (as `--keep-all` says), interleaved repetitions."""
     import statistics
     import tempfile
+    from contextlib import ExitStack
 
     import throughput
 
+    from ftp_vllm.engine_process import EngineProcess
     from ftp_vllm.model_store import resolve_model
 
     folder = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="ftp-steps-"))
     base = {**throughput.engine_args(folder, args.dtype), "enforce_eager": args.mode == "eager"}
-    specs = [{"name": "stock", "method": "dense", "llm": base}]
+    methods = {"stock": base}  # engine name: `LLM` arguments
     for i, name in enumerate(([args.router] if args.router else []) + args.also):
         if name == "stock":  # another stock engine: how far two engines of one method differ
-            specs.append({"name": f"stock ({i + 2})", "method": "dense", "llm": base})
+            methods[f"stock ({i + 2})"] = base
             continue
         router = router_checkpoint(name, args.keep_all, folder, work / f"keep-all-{i}")
-        specs.append({"name": f"ftp {name}" + (" keep-all" if args.keep_all else ""), "method": "ftp",
-                      "llm": {**base, **throughput.routed_overrides(router)}})
-    engines = [throughput.Engine(s, work / f"{i}.log") for i, s in enumerate(specs)]
-    results = {s["name"]: [] for s in specs}
-    try:
+        methods[f"ftp {name}" + (" keep-all" if args.keep_all else "")] = {**base, **throughput.routed_overrides(router)}
+    results = {name: [] for name in methods}
+    with ExitStack() as stack:
+        engines = {}
+        for i, (name, llm) in enumerate(methods.items()):
+            engines[name] = stack.enter_context(EngineProcess(work / f"{i}.log"))
+            engines[name].start(llm)
         for rep in range(args.repeats):
-            for engine in engines if rep % 2 == 0 else engines[::-1]:
-                steps = engine.run(f"serving-steps {args.serving_steps}")
-                results[engine.spec["name"]].append(steps)
-                print(f"repetition {rep + 1}, {engine.spec['name']}: decode-only step {steps['decode_ms']:.1f} ms, "
+            for name in list(engines) if rep % 2 == 0 else list(engines)[::-1]:
+                steps = engines[name].run(throughput.serving_steps, tokenizer=base["tokenizer"],
+                                          prompt_tokens=args.serving_steps)
+                results[name].append(steps)
+                print(f"repetition {rep + 1}, {name}: decode-only step {steps['decode_ms']:.1f} ms, "
                       f"step with a {args.serving_steps}-token prompt {steps['with_prompt_ms']:.1f} ms", flush=True)
-    finally:
-        for engine in engines:
-            engine.close()
     for name, runs in results.items():
         print(f"{name}: medians over repetitions: decode-only {statistics.median(r['decode_ms'] for r in runs):.1f} ms, "
               f"with prompt {statistics.median(r['with_prompt_ms'] for r in runs):.1f} ms")
@@ -195,9 +197,10 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM
 
+    from ftp_vllm.engine_process import engine_env
     from ftp_vllm.model_store import resolve_model
 
-    throughput.engine_env(os.environ)  # the model in this process, under the timers
+    engine_env(os.environ)  # the model in this process, under the timers
     totals, calls = collections.defaultdict(float), collections.Counter()
     install_timers(totals, calls)
     folder = resolve_model(args.model)

@@ -37,19 +37,24 @@ positions.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ftp_vllm.engine_process import EngineProcess
+
 WORKLOADS = ("prompt-heavy", "decode-heavy", "mixed")
+METHODS = ("dense", "ftp-keep-all", "ftp", "ftp-simple", "shortgpt")
 
 
 # ---- workloads ----------------------------------------------------------------
@@ -89,19 +94,12 @@ def engine_args(folder, dtype: str | None = None) -> dict:
     """`LLM` arguments every method runs with (add `enforce_eager`); dtype by default bfloat16
     where native (GPU, AVX-512 BF16, AMX), else float32.  Prefix caching is off: every
     repetition computes every prompt."""
+    from ftp_vllm.engine_process import ENGINE_DEFAULTS
     from ftp_vllm.server_process import has_gpu, native_bf16
 
     dtype = dtype or ("bfloat16" if has_gpu() or native_bf16() else "float32")
-    return {"model": str(folder), "tokenizer": str(folder), "dtype": dtype, "seed": 0,
-            "kv_cache_memory_bytes": 1 << 30, "max_model_len": 2048, "distributed_executor_backend": "uni",
-            "enable_prefix_caching": False}
-
-
-def engine_env(env) -> None:
-    """Engine process environment, set in `env`: the model in the engine's own process (so
-    that one process holds it), OpenMP threads on every core unless bound already."""
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    return {"model": str(folder), "tokenizer": str(folder), "dtype": dtype, **ENGINE_DEFAULTS,
+            "max_model_len": 2048, "enable_prefix_caching": False}
 
 
 def routed_overrides(router_path) -> dict:
@@ -118,46 +116,105 @@ def keep_all_router(name, model_folder, out: Path) -> Path:
     return save_checkpoint(out, router, {"base_model": fingerprint(model_folder)})
 
 
-# ---- one engine per process -------------------------------------------------------
+def router_target(name) -> float:
+    """The target sparsity router `name` was trained for."""
+    from ftp_vllm.checkpoint import load_checkpoint, resolve_router
 
-def worker(spec: dict) -> None:
-    """Engine process: load once, then run workloads named on stdin, answering with JSON."""
-    os.environ.update(spec.get("env", {}))
+    return load_checkpoint(resolve_router(name))[1]["target_sparsity"]
+
+
+def shortgpt_model(folder, tokenizer, sparsity: float, out: Path) -> tuple[Path, list[int]]:
+    """The model without its round(sparsity * B) blocks of lowest Block Influence on
+    calibration text, saved at `out`, and those blocks."""
+    from ftp_vllm.evaluation import calibration_block_influence
+    from ftp_vllm.model_store import write_pruned_model
+    from ftp_vllm.reference import RoutedModel, shortgpt_blocks
+
+    model = RoutedModel.from_pretrained(folder)
+    dropped = shortgpt_blocks(calibration_block_influence(model, tokenizer), round(sparsity * model.num_blocks))
+    del model  # before the copy: both need memory
+    return write_pruned_model(folder, dropped, out), dropped
+
+
+# ---- methods ---------------------------------------------------------------------
+
+@dataclass
+class MethodSpec:
+    """A method as one engine runs it: its row of the results and its engine's settings."""
+
+    method: str  # dense, ftp-keep-all, ftp, ftp-simple or shortgpt
+    router: str | None = None  # the router's name, where the results name one
+    llm: dict = field(default_factory=dict)  # `LLM` arguments over the common ones
+    env: dict = field(default_factory=dict)  # the engine process's environment
+    dropped_blocks: list[int] | None = None  # shortgpt's removed blocks
+    mode: str = "eager"  # or compiled
+
+    @property
+    def name(self) -> str:
+        """Unique within a run: labels its runs and its engine's log."""
+        return " ".join(filter(None, (self.method, self.router, None if self.mode == "eager" else self.mode)))
+
+    @property
+    def routed(self) -> bool:
+        """Runs the FTP class, whose counters give the realised keep rates."""
+        return self.method.startswith("ftp")
+
+    def engine_args(self, common: dict) -> dict:
+        return {**common, "enforce_eager": self.mode == "eager", **self.llm}
+
+
+def method_specs(args, folder, tokenizer, work: Path) -> list[MethodSpec]:
+    """`--methods` in each of `--modes`, a mode's methods together; routers and the pruned
+    model they need are written under `work`."""
+    from ftp_vllm.checkpoint import resolve_router
+
+    methods = []
+    if "dense" in args.methods:
+        methods.append(MethodSpec("dense"))
+    if "ftp-keep-all" in args.methods:
+        methods.append(MethodSpec("ftp-keep-all", llm=routed_overrides(
+            keep_all_router(args.routers[0], folder, work / "keep-all"))))
+    if "ftp" in args.methods:
+        methods += [MethodSpec("ftp", name, routed_overrides(resolve_router(name))) for name in args.routers]
+    if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
+        methods.append(MethodSpec("ftp-simple", args.routers[0], routed_overrides(resolve_router(args.routers[0])),
+                                  {"FTP_VLLM_PATH": "simple"}))
+    if "shortgpt" in args.methods and args.routers:  # as many blocks as the first router's target
+        path, dropped = shortgpt_model(folder, tokenizer, router_target(args.routers[0]), work / "shortgpt")
+        methods.append(MethodSpec("shortgpt", llm={"model": str(path)}, dropped_blocks=dropped))
+    return [replace(m, mode=mode) for mode in args.modes for m in methods]
+
+
+# ---- engine-process jobs (`ftp_vllm.engine_process`) ------------------------------
+
+@functools.cache
+def _tokenizer(folder: str):
     from transformers import AutoTokenizer
-    from vllm import LLM
 
-    llm = LLM(**spec["llm"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["tokenizer"])
-    routed = spec["method"] in ("ftp", "ftp-keep-all", "ftp-simple")
-    print("READY", flush=True)
-    for line in sys.stdin:
-        name = line.strip()
-        if name.startswith("serving-steps "):
-            ids = [p["prompt_token_ids"] for p in workload_inputs("prompt-heavy", tokenizer)[0]]
-            print("RESULT " + json.dumps(serving_steps(llm, ids, int(name.split()[1]))), flush=True)
-            continue
-        prompts, params = workload_inputs(name, tokenizer)
-        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-        before = _stats(llm) if routed else None
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - start
-        after = _stats(llm) if routed else None
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-        print("RESULT " + json.dumps({
-            "wall_s": wall, "requests": len(prompts), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
-            "keep_rates": _keep_rates(before, after),
-        }), flush=True)
+    return AutoTokenizer.from_pretrained(folder)
 
 
-def serving_steps(llm, token_ids: list[list[int]], prompt_tokens: int, running: int = 16) -> dict:
+def timed_generate(llm, workload: str, tokenizer: str, routed: bool) -> dict:
+    """One timed `generate` of the workload, after a warm-up on four of its prompts; with
+    `routed`, the keep rates of the timed run."""
+    prompts, params = workload_inputs(workload, _tokenizer(tokenizer))
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+    before = _stats(llm) if routed else None
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    after = _stats(llm) if routed else None
+    return {"wall_s": wall, "requests": len(prompts), "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "keep_rates": _keep_rates(before, after)}
+
+
+def serving_steps(llm, tokenizer: str, prompt_tokens: int, running: int = 16) -> dict:
     """Median ms of decode-only engine steps with `running` requests, and of steps that also
-    take a new prompt's `prompt_tokens` tokens."""
-    import statistics
-
+    take a new prompt's `prompt_tokens` tokens (prompts of the prompt-heavy workload)."""
     from vllm import SamplingParams
 
+    token_ids = [p["prompt_token_ids"] for p in workload_inputs("prompt-heavy", _tokenizer(tokenizer))[0]]
     engine = llm.llm_engine
     tag = time.monotonic_ns()  # request ids of this call
     for i in range(running):
@@ -201,30 +258,11 @@ def _keep_rates(before, after):
     return rows
 
 
-class Engine:
-    def __init__(self, spec: dict, log: Path):
-        self.spec = spec
-        self.log = log.open("w")
-        env = dict(os.environ)
-        engine_env(env)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self._expect("READY")
-
-    def _expect(self, tag: str) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(tag):
-                return line[len(tag):].strip()
-        raise RuntimeError(f"engine {self.spec['name']} exited; see {self.log.name}")
-
-    def run(self, name: str) -> dict:
-        self.proc.stdin.write(name + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._expect("RESULT"))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=120)
+def start_engine(stack: ExitStack, spec: MethodSpec, common: dict, log: Path) -> EngineProcess:
+    """`spec`'s engine in a process of its own, closed with `stack`."""
+    engine = stack.enter_context(EngineProcess(log))
+    engine.start(spec.engine_args(common), spec.env)
+    return engine
 
 
 # ---- FLOP model ---------------------------------------------------------------------
@@ -255,16 +293,15 @@ def ideal_speedup(config: dict, requests: list[tuple[list[int], int]], keep_rate
     return cost(None, blocks) / cost(keep_rates, layers if layers is not None else blocks)
 
 
-# ---- orchestration ---------------------------------------------------------------
+# ---- run, summarise, write ---------------------------------------------------------
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", nargs="*", default=["smollm2-135m-instruct-s20", "smollm2-135m-instruct-s30",
                                                     "smollm2-135m-instruct-s40"])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--methods", nargs="+", default=["dense", "ftp-keep-all", "ftp", "shortgpt"],
-                   choices=["dense", "ftp-keep-all", "ftp", "ftp-simple", "shortgpt"])
+    p.add_argument("--methods", nargs="+", default=["dense", "ftp-keep-all", "ftp", "shortgpt"], choices=METHODS)
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                    help="eager (--enforce-eager) and/or vLLM's default compiled mode; every method runs in each")
     p.add_argument("--repeats", type=int, default=3)
@@ -274,138 +311,106 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 where native (GPU, AVX-512 BF16, AMX), else float32")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--plot", help="PNG path (default: next to --json)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(json.loads(args.worker))
-        return 0
+    return p.parse_args(argv)
 
-    from transformers import AutoTokenizer
 
-    from ftp_vllm.checkpoint import load_checkpoint, resolve_router
-    from ftp_vllm.model_store import resolve_model, write_pruned_model
-
-    folder = resolve_model(args.model)
-    config = json.loads((Path(folder) / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    work = Path(tempfile.mkdtemp(prefix="ftp-throughput-"))
-    base = engine_args(folder, args.dtype)
-    args.dtype = base["dtype"]
-    keep_all = shortgpt = None
-    if "ftp-keep-all" in args.methods:
-        keep_all = keep_all_router(args.routers[0], folder, work / "keep-all")
-    if "shortgpt" in args.methods and args.routers:
-        from ftp_vllm.evaluation import calibration_block_influence
-        from ftp_vllm.reference import RoutedModel, shortgpt_blocks
-
-        target = load_checkpoint(resolve_router(args.routers[0]))[1]["target_sparsity"]
-        model = RoutedModel.from_pretrained(folder)
-        influence = calibration_block_influence(model, tokenizer)
-        dropped = shortgpt_blocks(influence, round(target * model.num_blocks))
-        del model
-        shortgpt = (write_pruned_model(folder, dropped, work / "shortgpt"), dropped)
-    shortgpt_layers = config["num_hidden_layers"] - len(shortgpt[1]) if shortgpt else None
-
-    def routed(path, env=None):
-        return routed_overrides(path), env or {}
-
-    rows = []  # (name, method, router, sparsity, llm overrides, env, extra)
-    if "dense" in args.methods:
-        rows.append(("dense", "dense", None, 0.0, {}, {}, {}))
-    if keep_all is not None:
-        rows.append(("ftp-keep-all", "ftp-keep-all", None, 0.0, *routed(keep_all), {}))
-    for name in args.routers if "ftp" in args.methods else []:
-        path = resolve_router(name)
-        rows.append((f"ftp {name}", "ftp", name, load_checkpoint(path)[1]["target_sparsity"], *routed(path), {}))
-    if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
-        path = resolve_router(args.routers[0])
-        rows.append((f"ftp-simple {args.routers[0]}", "ftp-simple", args.routers[0],
-                     load_checkpoint(path)[1]["target_sparsity"], *routed(path, {"FTP_VLLM_PATH": "simple"}), {}))
-    if shortgpt is not None:
-        rows.append(("shortgpt", "shortgpt", None, len(shortgpt[1]) / config["num_hidden_layers"],
-                     {"model": str(shortgpt[0])}, {}, {"dropped_blocks": shortgpt[1]}))
-    specs = [{"name": name + ("" if mode == "eager" else f" {mode}"), "method": method, "router": router_name,
-              "mode": mode, "sparsity": sparsity, "llm": {**base, "enforce_eager": mode == "eager", **llm},
-              "env": env, **extra}
-             for mode in args.modes for name, method, router_name, sparsity, llm, env, extra in rows]
-
+def run(specs: list[MethodSpec], common: dict, workloads: list[str], repeats: int, restart: bool,
+        work: Path) -> dict[tuple[str, str], list[dict]]:
+    """Every method's timed runs, by (workload, method name), one per repetition.  A mode's
+    engines are alive together (all of them at once may not fit in memory) and take turns
+    on each workload, in the opposite order every other repetition."""
     from tqdm.auto import tqdm
 
     runs: dict[tuple[str, str], list[dict]] = {}
     print(f"engine logs in {work}", flush=True)
-    for mode in args.modes:  # one mode's engines at a time: all of them at once may not fit in memory
-        group = [s for s in specs if s["mode"] == mode]
-        lifetimes = [[rep] for rep in range(args.repeats)] if args.restart else [list(range(args.repeats))]
-        with tqdm(total=args.repeats * len(args.workloads) * len(group), desc=f"{mode} runs") as bar:
+    for mode in dict.fromkeys(s.mode for s in specs):
+        group = [s for s in specs if s.mode == mode]
+        lifetimes = [[rep] for rep in range(repeats)] if restart else [list(range(repeats))]
+        with tqdm(total=repeats * len(workloads) * len(group), desc=f"{mode} runs") as bar:
             for reps in lifetimes:
-                engines = {s["name"]: Engine(s, work / (re.sub(r"[^\w.-]+", "_", s["name"]) + f"-{reps[0]}.log"))
-                           for s in tqdm(group, desc=f"{mode} engines", leave=False)}
-                try:
+                with ExitStack() as stack:
+                    engines = {s.name: start_engine(stack, s, common,
+                                                    work / (re.sub(r"[^\w.-]+", "_", s.name) + f"-{reps[0]}.log"))
+                               for s in tqdm(group, desc=f"{mode} engines", leave=False)}
                     for rep in reps:
-                        for wl in args.workloads:
-                            order = group if rep % 2 == 0 else group[::-1]  # alternate the order between repetitions
-                            for s in order:
-                                runs.setdefault((wl, s["name"]), []).append(engines[s["name"]].run(wl))
+                        for wl in workloads:
+                            for s in group if rep % 2 == 0 else group[::-1]:
+                                runs.setdefault((wl, s.name), []).append(engines[s.name].run(
+                                    timed_generate, workload=wl, tokenizer=common["tokenizer"], routed=s.routed))
                                 bar.update(1)
-                finally:
-                    for e in engines.values():
-                        e.close()
+    return runs
 
+
+def result_row(spec: MethodSpec, name: str, requests: list[tuple[list[int], int]], runs: list[dict],
+               config: dict) -> dict:
+    """A method's figures on workload `name` (its `requests`): throughput from the median wall,
+    sparsity and ideal speed-up."""
+    wall = statistics.median(r["wall_s"] for r in runs)
+    r0 = runs[0]
+    row = {"workload": name, "method": spec.method, "router": spec.router, "mode": spec.mode,
+           "requests_per_s": r0["requests"] / wall,
+           "total_tok_per_s": (r0["prompt_tokens"] + r0["output_tokens"]) / wall,
+           "prompt_tok_per_s": r0["prompt_tokens"] / wall,
+           "output_tok_per_s": r0["output_tokens"] / wall,
+           "wall_s_runs": [round(r["wall_s"], 3) for r in runs]}
+    rates = runs[-1]["keep_rates"]
+    if spec.method == "shortgpt":
+        blocks = config["num_hidden_layers"]
+        row["sparsity"] = len(spec.dropped_blocks) / blocks
+        row["ideal_speedup"] = ideal_speedup(config, requests, None, blocks - len(spec.dropped_blocks))
+        row["dropped_blocks"] = spec.dropped_blocks
+    elif rates:
+        p_tok = sum(len(p) for p, _ in requests)
+        d_tok = sum(o - 1 for _, o in requests)
+        skipped = sum((1 - kp) * p_tok + (1 - kd) * d_tok for kp, kd in rates)
+        row["sparsity"] = skipped / (len(rates) * (p_tok + d_tok)) if requests else 0.0
+        row["prompt_sparsity"] = sum(1 - kp for kp, _ in rates) / len(rates)
+        row["decode_sparsity"] = sum(1 - kd for _, kd in rates) / len(rates)
+        row["ideal_speedup"] = ideal_speedup(config, requests, rates)
+    else:
+        row["sparsity"] = 0.0
+        row["ideal_speedup"] = 1.0
+    return row
+
+
+def add_ratios(rows: list[dict], workload: str) -> None:
+    """Each row of one workload against the dense row of its mode (and of eager): by medians
+    and paired by repetition, on the workload's own metric."""
+    metric = ("prompt_tok_per_s" if workload == "prompt-heavy" else
+              "output_tok_per_s" if workload == "decode-heavy" else "total_tok_per_s")
+    dense_of = {row["mode"]: row for row in rows if row["method"] == "dense"}
+    for row in rows:
+        if row["mode"] in dense_of:
+            dense = dense_of[row["mode"]]
+            row["ratio_to_dense"] = row[metric] / dense[metric]
+            # paired by repetition (same workload, same tokens: the ratio of walls), which a machine
+            # drifting between repetitions moves less than the ratio of medians
+            row["ratio_by_repeat"] = [round(d / w, 4) for d, w in zip(dense["wall_s_runs"], row["wall_s_runs"])]
+            row["ratio_median_of_repeats"] = statistics.median(row["ratio_by_repeat"])
+        if "eager" in dense_of and row["mode"] != "eager":
+            row["ratio_to_dense_eager"] = row[metric] / dense_of["eager"][metric]
+        row["ratio_metric"] = metric
+        if "ratio_to_dense" in row and row.get("ideal_speedup"):
+            row["achieved_over_ideal"] = row["ratio_to_dense"] / row["ideal_speedup"]
+
+
+def summarise(specs: list[MethodSpec], runs: dict, workloads: list[str], config: dict, tokenizer) -> list[dict]:
+    """One row per workload and method (workloads in order, methods as `specs` lists them)."""
     results = []
-    for wl in args.workloads:
+    for wl in workloads:
         requests = workload(wl, tokenizer)
-        dense_of = {}
-        for s in specs:
-            rs = runs[(wl, s["name"])]
-            wall = statistics.median(r["wall_s"] for r in rs)
-            r0 = rs[0]
-            row = {"workload": wl, "method": s["method"], "router": s["router"], "mode": s["mode"],
-                   "requests_per_s": r0["requests"] / wall,
-                   "total_tok_per_s": (r0["prompt_tokens"] + r0["output_tokens"]) / wall,
-                   "prompt_tok_per_s": r0["prompt_tokens"] / wall,
-                   "output_tok_per_s": r0["output_tokens"] / wall,
-                   "wall_s_runs": [round(r["wall_s"], 3) for r in rs]}
-            rates = rs[-1]["keep_rates"]
-            if s["method"] == "shortgpt":
-                row["sparsity"] = s["sparsity"]
-                row["ideal_speedup"] = ideal_speedup(config, requests, None, shortgpt_layers)
-                row["dropped_blocks"] = s["dropped_blocks"]
-            elif rates:
-                n = len(requests)
-                p_tok = sum(len(p) for p, _ in requests)
-                d_tok = sum(o - 1 for _, o in requests)
-                skipped = sum((1 - kp) * p_tok + (1 - kd) * d_tok for kp, kd in rates)
-                row["sparsity"] = skipped / (len(rates) * (p_tok + d_tok)) if n else 0.0
-                row["prompt_sparsity"] = sum(1 - kp for kp, _ in rates) / len(rates)
-                row["decode_sparsity"] = sum(1 - kd for _, kd in rates) / len(rates)
-                row["ideal_speedup"] = ideal_speedup(config, requests, rates)
-            else:
-                row["sparsity"] = 0.0
-                row["ideal_speedup"] = 1.0
-            if s["method"] == "dense":
-                dense_of[s["mode"]] = row
-            results.append(row)
-        for row in results:
-            if row["workload"] != wl:
-                continue
-            metric = "prompt_tok_per_s" if wl == "prompt-heavy" else "output_tok_per_s" if wl == "decode-heavy" else "total_tok_per_s"
-            if row["mode"] in dense_of:
-                row["ratio_to_dense"] = row[metric] / dense_of[row["mode"]][metric]
-                # paired by repetition (same workload, same tokens: the ratio of walls), which a machine
-                # drifting between repetitions moves less than the ratio of medians
-                dense_walls = dense_of[row["mode"]]["wall_s_runs"]
-                row["ratio_by_repeat"] = [round(d / w, 4) for d, w in zip(dense_walls, row["wall_s_runs"])]
-                row["ratio_median_of_repeats"] = statistics.median(row["ratio_by_repeat"])
-            if "eager" in dense_of and row["mode"] != "eager":
-                row["ratio_to_dense_eager"] = row[metric] / dense_of["eager"][metric]
-            row["ratio_metric"] = metric
-            if "ratio_to_dense" in row and row.get("ideal_speedup"):
-                row["achieved_over_ideal"] = row["ratio_to_dense"] / row["ideal_speedup"]
+        rows = [result_row(s, wl, requests, runs[(wl, s.name)], config) for s in specs]
+        add_ratios(rows, wl)
+        results += rows
+    return results
 
-    print_table(results)
-    out = {"results": results, "settings": {"model": args.model, "dtype": args.dtype, "repeats": args.repeats,
+
+def write(results: list[dict], args: argparse.Namespace, common: dict, argv=None) -> None:
+    """The results and settings as JSON at `--json` (with a plot beside it unless `--plot` says
+    where), or the plot alone at `--plot`."""
+    out = {"results": results, "settings": {"model": args.model, "dtype": common["dtype"], "repeats": args.repeats,
                                             "restart": args.restart,
-                                            "engine": {k: v for k, v in base.items() if k not in ("model", "tokenizer")},
+                                            "engine": {k: v for k, v in common.items() if k not in ("model", "tokenizer")},
                                             "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
            "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.json_out:
@@ -414,6 +419,24 @@ def main(argv=None) -> int:
         plot(results, Path(args.plot or Path(args.json_out).with_suffix(".png")))
     elif args.plot:
         plot(results, Path(args.plot))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from ftp_vllm.model_store import resolve_model
+
+    folder = resolve_model(args.model)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    work = Path(tempfile.mkdtemp(prefix="ftp-throughput-"))
+    common = engine_args(folder, args.dtype)
+    specs = method_specs(args, folder, tokenizer, work)
+    runs = run(specs, common, args.workloads, args.repeats, args.restart, work)
+    results = summarise(specs, runs, args.workloads, config, tokenizer)
+    print_table(results)
+    write(results, args, common, argv)
     return 0
 
 

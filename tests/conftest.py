@@ -1,8 +1,4 @@
-import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,15 +29,25 @@ def real_prompts(n: int, words: int = 40) -> list[str]:
 
 def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
     """Per run, the resolved architecture and greedy token ids per prompt, from vLLM
-    engines in a fresh process."""
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "engine_worker.py")], input=json.dumps(runs),
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("ENGINE_RESULTS ")]
-    assert proc.returncode == 0 and lines, f"engine run failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1].split(" ", 1)[1])
+    engines started one after another in one fresh process.
+
+    A run is {"llm": {LLM kwargs; eager unless they say}, "prompts": [...], "max_tokens": N,
+    "one_by_one": bool, "also_together": bool, "env": {...}}; its answer is
+    {"architecture", "tokens", "traces"[, "tokens_together"]} (see `engine_worker`)."""
+    from ftp_vllm.engine_process import EngineProcess
+
+    from .engine_worker import greedy_outputs
+
+    results = []
+    with EngineProcess(timeout=timeout) as engine:
+        for run in runs:
+            started = engine.start({"enforce_eager": True, **run["llm"]}, run.get("env"))
+            outputs = engine.run(greedy_outputs, prompts=run["prompts"], max_tokens=run["max_tokens"],
+                                 one_by_one=run.get("one_by_one", False),
+                                 also_together=run.get("also_together", False))
+            engine.stop()
+            results.append({"architecture": started["architecture"], **outputs})
+    return results
 
 
 @pytest.fixture(scope="session")
