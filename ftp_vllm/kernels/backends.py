@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ftp_vllm.kernels.attention import attention_at_positions, query_runs
+from ftp_vllm.kernels import attention
 
 try:
     import triton
@@ -32,7 +32,7 @@ def cpu_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions: T
     from vllm import envs
 
     impl = layer.impl
-    query_start_loc, seq_lens, run_requests = query_runs(kept, requests, positions)
+    query_start_loc, seq_lens, run_requests = attention.query_runs(kept, requests, positions)
     num_blocks, num_kv_heads, block_size, _ = layer.kv_cache.shape
     key_cache, value_cache = layer.kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
     scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
@@ -57,7 +57,8 @@ def triton_attention(layer, q: Tensor, kept: Tensor, requests: Tensor, positions
                      block_table: Tensor) -> Tensor:
     """The Triton kernel over vLLM's GPU cache, [blocks, kv_heads, block_size, 2 * head_dim]."""
     key_cache, value_cache = layer.kv_cache.transpose(1, 2).split(layer.impl.head_size, dim=-1)
-    return attention_at_positions(q, positions, requests, block_table, key_cache, value_cache, layer.impl.scale)
+    return attention.attention_at_positions(q, positions, requests, block_table, key_cache, value_cache,
+                                            layer.impl.scale)
 
 
 def kept_attention(layer) -> KeptAttention | None:
