@@ -126,9 +126,9 @@ def router_target(name) -> float:
 def shortgpt_model(folder, tokenizer, sparsity: float, out: Path) -> tuple[Path, list[int]]:
     """The model without its round(sparsity * B) blocks of lowest Block Influence on
     calibration text, saved at `out`, and those blocks."""
-    from ftp_vllm.evaluation import calibration_block_influence
+    from ftp_vllm.baselines import calibration_block_influence, shortgpt_blocks
     from ftp_vllm.model_store import write_pruned_model
-    from ftp_vllm.reference import RoutedModel, shortgpt_blocks
+    from ftp_vllm.reference import RoutedModel
 
     model = RoutedModel.from_pretrained(folder)
     dropped = shortgpt_blocks(calibration_block_influence(model, tokenizer), round(sparsity * model.num_blocks))
