@@ -41,7 +41,7 @@ from ftp_vllm.kernels.backends import cpu_attention as _cpu_attention  # noqa: F
 from ftp_vllm.kernels.backends import kept_attention
 from ftp_vllm.models.compiled import StockGraph, compile_parts, keep_routing_out_of_graphs
 from ftp_vllm.models.routing import RoutingState
-from ftp_vllm.models.step import install_step_hook
+from ftp_vllm.models.step import install_step_source, refuse_unroutable, v2_model_state_cls
 from ftp_vllm.router import hidden_scores
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
@@ -89,7 +89,9 @@ class RoutedDecoderLayer(nn.Module):
             torch.ops.vllm.ftp_block_scores(scores, normed, self.prefix)
             return self.stock_block(positions, normed, residual)
         if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
-            return torch.ops.vllm.ftp_routed_layer(positions, normed, residual, self.prefix), residual
+            output = torch.empty_like(normed)
+            torch.ops.vllm.ftp_routed_layer(positions, normed, residual, output, self.prefix)
+            return output, residual
         return self.routed_block(positions, normed, residual)
 
     def routed_block(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,6 +165,7 @@ class RoutedDecoderLayer(nn.Module):
         return torch.cat([self.mlp_part(part) for part in self._mlp_pieces(hidden)]), residual
 
     def _stock_block_from_qkv(self, positions: Tensor, qkv: Tensor, residual: Tensor):
+        """The stock block from the fused projection of every token."""
         attn = self.self_attn
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
@@ -286,6 +289,8 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
     path = getattr(hf_config, "ftp_router", None)
     if not path:
         return None
+    refuse_unroutable(vllm_config, [layer.self_attn.attn for layer in model.model.layers
+                                    if isinstance(layer, RoutedDecoderLayer)])
     router, config = load_router(path, hf_config.num_hidden_layers)
     state = RoutingState(router, config, vllm_config.cache_config.block_size)
     compilation = vllm_config.compilation_config
@@ -296,7 +301,7 @@ def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
             if compiled:
                 compile_parts(layer, compilation.inductor_compile_config)
     keep_routing_out_of_graphs(compilation)
-    install_step_hook()
+    install_step_source(vllm_config)
     logger.info("FTP router %s: target sparsity %s", path, config.get("target_sparsity"))
     return state
 
@@ -332,6 +337,12 @@ class FTPModelMixin:
             out = super().forward(*args)
         state.end_step(positions)
         return out
+
+    @staticmethod
+    def get_model_state_cls() -> type:
+        """vLLM's V2 model runner asks the model for its state class: ours feeds routing the
+        step's prompt lengths (`ftp_vllm.models.step`)."""
+        return v2_model_state_cls()
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
