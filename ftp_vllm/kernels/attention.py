@@ -98,13 +98,14 @@ def launch_config(num_queries: int, num_requests: int, num_heads: int, num_kv_he
     rows_per_request = -(-num_queries // max(num_requests, 1)) * group
     block_m = min(64, max(16, _next_power_of_2(rows_per_request)))
     block_n = 64 if head_dim <= 64 else 32
+    num_warps = 8 if block_m >= 64 else 4  # sm_90 builds of these tiles then need no spills
     programs = max(1, max_tiles(num_queries, num_requests, block_m // group) * num_kv_heads)
     target = 2 * _multiprocessors(device)
     num_splits = 1
     if programs < target:
         useful = -(-max_context // (4 * block_n))  # each split walks at least 4 key tiles
         num_splits = max(1, min(16, -(-target // programs), useful))
-    return LaunchConfig(block_m=block_m, block_n=block_n, num_splits=num_splits)
+    return LaunchConfig(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=num_warps)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -199,10 +200,13 @@ def tiled_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(num_queries, num_heads)](
-            out, part_acc, part_max, part_sum, *out.stride(),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
-            SPLITS_PAD=_next_power_of_2(splits),
+        splits_pad = _next_power_of_2(splits)
+        block_r = max(1, 4096 // (splits_pad * head_dim_pad))  # rows per program: a few thousand partials
+        num_rows = num_queries * num_heads
+        _merge_splits_kernel[(triton.cdiv(num_rows, block_r),)](
+            out, part_acc, part_max, part_sum, num_rows, *out.stride(),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
+            SPLITS_PAD=splits_pad, BLOCK_R=block_r,
         )
     return out
 
@@ -266,7 +270,7 @@ if triton is not None:
         row_ok = rows // GROUP < tile_len
         query = tl.load(Order + first_slot + rows // GROUP, mask=row_ok, other=0)
         head = kv_head * GROUP + rows % GROUP
-        pos = tl.load(Positions + query, mask=row_ok, other=0)
+        pos = tl.load(Positions + query, mask=row_ok, other=0).to(tl.int32)
         last = tl.max(tl.where(row_ok, pos, 0))
         pos = tl.where(row_ok, pos, last)  # padding rows: any position with keys, never stored
         unmasked_end = (tl.min(pos) + 1) // BLOCK_N * BLOCK_N  # tiles below it are visible to all rows
@@ -312,21 +316,26 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(
-        Out, PartAcc, PartMax, PartSum, stride_on, stride_oh, stride_od,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        Out, PartAcc, PartMax, PartSum, num_rows, stride_on, stride_oh, stride_od,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """One query and head: rescale each split's partial sums to the common maximum and
-        normalise.  Split 0 holds key 0, so the maximum is finite."""
-        query = tl.program_id(0)
-        head = tl.program_id(1)
+        """BLOCK_R (query, head) rows: rescale each split's partial sums to the row's common
+        maximum and normalise.  Split 0 holds key 0, so the maximum is finite."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < num_rows
         splits = tl.arange(0, SPLITS_PAD)
-        split_ok = splits < NUM_SPLITS
-        part = (query * tl.num_programs(1) + head) * NUM_SPLITS + splits
-        m = tl.load(PartMax + part, mask=split_ok, other=float("-inf"))
-        l = tl.load(PartSum + part, mask=split_ok, other=0.0)
+        part = rows[:, None] * NUM_SPLITS + splits[None, :]  # [BLOCK_R, SPLITS_PAD]
+        part_ok = row_ok[:, None] & (splits < NUM_SPLITS)[None, :]
+        m = tl.load(PartMax + part, mask=part_ok, other=float("-inf"))
+        l = tl.load(PartSum + part, mask=part_ok, other=0.0)
         dims = tl.arange(0, HEAD_DIM_PAD)
-        acc = tl.load(PartAcc + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=split_ok[:, None], other=0.0)
-        weight = tl.exp2(m - tl.max(m, axis=0))
-        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-        tl.store(Out + query * stride_on + head * stride_oh + dims * stride_od,
-                 out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
+        acc = tl.load(PartAcc + part[:, :, None] * HEAD_DIM_PAD + dims[None, None, :], mask=part_ok[:, :, None],
+                      other=0.0)
+        m_row = tl.max(m, axis=1)
+        weight = tl.exp2(m - tl.where(row_ok, m_row, 0.0)[:, None])
+        total = tl.where(row_ok, tl.sum(l * weight, axis=1), 1.0)
+        out = tl.sum(acc * weight[:, :, None], axis=1) / total[:, None]  # [BLOCK_R, HEAD_DIM_PAD]
+        query, head = rows // NUM_HEADS, rows % NUM_HEADS
+        tl.store(Out + query[:, None] * stride_on + head[:, None] * stride_oh + dims[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
