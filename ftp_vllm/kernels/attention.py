@@ -84,7 +84,7 @@ class LaunchConfig:
     block_m: int = 64
     block_n: int = 64
     num_splits: int = 1
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
