@@ -107,14 +107,15 @@ def test_pruned_model_equals_dropping_blocks_in_the_reference(tiny_llama, tiny_l
     """ShortGPT's pruned folder computes what the reference does with those blocks skipped."""
     import torch
 
+    from ftp_vllm.baselines import shortgpt_keep
     from ftp_vllm.model_store import write_pruned_model
-    from ftp_vllm.reference import RoutedModel, shortgpt_keep
+    from ftp_vllm.reference import GivenMasks, RoutedModel
 
     from .conftest import packed_batch
 
     pruned = RoutedModel.from_pretrained(write_pruned_model(tiny_llama, [1, 2], tmp_path / "pruned"))
     assert pruned.num_blocks == 2
     ids, cu = packed_batch([20, 11])
-    expected = tiny_llama_ref(ids, cu, keep=shortgpt_keep(4, len(ids), [1, 2])).logits
+    expected = tiny_llama_ref(ids, cu, keep=GivenMasks(shortgpt_keep(4, len(ids), [1, 2]))).logits
     torch.testing.assert_close(pruned(ids, cu).logits, expected, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "pruned" / "tokenizer.json").exists() or (tmp_path / "pruned" / "tokenizer_config.json").exists()

@@ -46,8 +46,10 @@ def tiny_router(tiny_llama, tmp_path_factory):
 
 def reference_masks(model, router, prompt: list[int], generated: list[int]):
     """Keep masks [B, T] and greedy continuation of the reference over what vLLM processed."""
+    from ftp_vllm.reference import Served
+
     ids = torch.tensor(prompt + generated[:-1])
-    out = model(ids, torch.tensor([0, len(ids)]), torch.tensor([len(prompt)]), router=router)
+    out = model(ids, torch.tensor([0, len(ids)]), torch.tensor([len(prompt)]), keep=Served(router))
     greedy = out.logits[len(prompt) - 1:].argmax(-1).tolist()
     return out.keep, greedy
 
