@@ -4,11 +4,12 @@
 
 Runs one of `throughput.py`'s workloads on one engine (the same settings) and
 prints, per repetition, the wall time and the total seconds and calls of each
-timed part: the routed op (`routed_forward`), the router's decision
-(`decide`, within it `block_logits` and `keep`), attention for the kept
-queries (`cpu_attention`, within it `query_runs`), the post-attention norm
-and MLP of the kept tokens (`_finish`), the keep-everything block (`_stock`),
-the cache write of the K/V path (`kv_update`) and vLLM's own attention
+timed part: the routed op (`routed_block`), the router's decision
+(`decide`, within it `block_logits` and `keep`), the block for the kept
+tokens (`_kept_block`), within it attention for the kept queries
+(`cpu_attention`, within it `query_runs`) and the post-attention norm and
+MLP (`_kept_mlp`), the keep-everything block (`_stock_block_from`), the
+cache write of the K/V path (`kv_update`) and vLLM's own attention
 (`stock_attention`: every attention call of the stock layers).  Per-call
 means divide by the calls.  The timers cost a few microseconds a call, so a
 profiled run is slower than a benchmark run; compare parts within a run, and
@@ -42,8 +43,8 @@ import time
 from pathlib import Path
 
 TIMED_PARTS = {
-    "ftp_vllm.models.routed.RoutingState": ("decide", "keep_all", "begin_step", "end_step"),
-    "ftp_vllm.models.routed.RoutedDecoderLayer": ("routed_forward", "_routed", "_stock", "_finish"),
+    "ftp_vllm.models.routing.RoutingState": ("decide", "keep_all", "begin_step", "end_step"),
+    "ftp_vllm.models.routed.RoutedDecoderLayer": ("routed_block", "_kept_block", "_stock_block_from", "_kept_mlp"),
     "ftp_vllm.router.Router": ("block_logits", "keep"),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("forward",),
 }
@@ -54,6 +55,7 @@ def install_timers(totals: dict, calls: collections.Counter) -> None:
     import importlib
 
     from ftp_vllm.kernels import attention as kept_attention
+    from ftp_vllm.kernels import backends
     from ftp_vllm.models import routed
 
     def timed(name, fn):
@@ -71,7 +73,7 @@ def install_timers(totals: dict, calls: collections.Counter) -> None:
         owner = getattr(importlib.import_module(module), cls)
         for name in names:
             setattr(owner, name, timed(RENAMED.get(name, name), getattr(owner, name)))
-    routed._cpu_attention = timed("cpu_attention", routed._cpu_attention)
+    backends.cpu_attention = timed("cpu_attention", backends.cpu_attention)
     routed.unified_kv_cache_update = timed("kv_update", routed.unified_kv_cache_update)
     kept_attention.query_runs = timed("query_runs", kept_attention.query_runs)
 

@@ -95,7 +95,7 @@ def engine_args(folder, dtype: str | None = None) -> dict:
     where native (GPU, AVX-512 BF16, AMX), else float32.  Prefix caching is off: every
     repetition computes every prompt."""
     from ftp_vllm.engine_process import ENGINE_DEFAULTS
-    from ftp_vllm.server_process import has_gpu, native_bf16
+    from ftp_vllm.hardware import has_gpu, native_bf16
 
     dtype = dtype or ("bfloat16" if has_gpu() or native_bf16() else "float32")
     return {"model": str(folder), "tokenizer": str(folder), "dtype": dtype, **ENGINE_DEFAULTS,
