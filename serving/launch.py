@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
+from ftp_vllm import server_process
 from ftp_vllm.model_store import DEFAULT_MODEL, KNOWN_MODELS, ModelError, resolve_model
-from ftp_vllm.server_process import cpu_serve_args, has_flag, has_gpu, wait_healthy
+from ftp_vllm.server_process import has_flag
 from ftp_vllm.vllm_args import ftp_architecture
+
 
 def default_router(model_arg: str) -> str | None:
     """The shipped 30% router of a known model, if there is one."""
@@ -35,25 +34,18 @@ def default_router(model_arg: str) -> str | None:
     return name if model_arg in KNOWN_MODELS and (SHIPPED / name).is_dir() else None
 
 
-def vllm_command(model_arg: str, router: str | None, host: str, port: int, extra: list[str]) -> tuple[list[str], dict]:
-    folder = resolve_model(model_arg)
-    cmd = [
-        shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm",
-        "serve",
-        folder,
-        "--host", host,
-        "--port", str(port),
-    ]
+def serve_args(model_arg: str, router: str | None, extra: list[str]) -> list[str]:
+    """`vllm serve`'s arguments for the model folder, its router (or the FTP class without
+    one) and the name a known model is served under, then `extra`."""
+    folder = str(resolve_model(model_arg))
+    args = [folder]
     if router:  # vLLM's own --ftp-router (added by the plugin) checks it and switches the class
-        cmd += ["--ftp-router", router]
+        args += ["--ftp-router", router]
     else:
-        cmd += ["--hf-overrides", json.dumps({"architectures": [ftp_architecture(folder)]})]
+        args += ["--hf-overrides", json.dumps({"architectures": [ftp_architecture(folder)]})]
     if model_arg in KNOWN_MODELS and not has_flag(extra, "--served-model-name"):
-        cmd += ["--served-model-name", model_arg]
-    env = dict(os.environ)
-    if not has_gpu():
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-    return cmd + cpu_serve_args(extra) + extra, env
+        args += ["--served-model-name", model_arg]
+    return args + extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         router = None if args.no_router else (args.ftp_router or default_router(args.model))
-        cmd, env = vllm_command(args.model, router, args.host, args.port, extra)
+        cmd = server_process.serve_command(serve_args(args.model, router, extra), args.host, args.port)
     except (ModelError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
 
     print("launch: " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = server_process.start(cmd, env=server_process.serve_env())
 
     def forward(signum, _frame):
         if proc.poll() is None:
@@ -84,20 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
 
     base = f"http://{args.host}:{args.port}"
-    if wait_healthy(proc, f"{base}/health", args.ready_timeout):
-        name = args.model if args.model in KNOWN_MODELS else cmd[2]
-        body = json.dumps({"model": name, "prompt": "The capital of France is", "max_tokens": 16})
-        print(f"\nlaunch: ready at {base}/v1  (Ctrl-C stops it)", flush=True)
-        auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if has_flag(extra, "--api-key") or os.environ.get("VLLM_API_KEY") else ""
-        print(f"launch: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n", flush=True)
-    elif proc.poll() is None:
-        print(f"launch: error: no answer from {base}/health after {args.ready_timeout:.0f} s; stopping", file=sys.stderr)
-        proc.terminate()
+    engine = []
     try:
+        if server_process.wait_healthy(proc, f"{base}/health", args.ready_timeout):
+            engine = server_process.descendants(proc)
+            name = args.model if args.model in KNOWN_MODELS else cmd[2]
+            body = json.dumps({"model": name, "prompt": "The capital of France is", "max_tokens": 16})
+            print(f"\nlaunch: ready at {base}/v1  (Ctrl-C stops it)", flush=True)
+            auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if has_flag(extra, "--api-key") or os.environ.get("VLLM_API_KEY") else ""
+            print(f"launch: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n", flush=True)
+        elif proc.poll() is None:
+            print(f"launch: error: no answer from {base}/health after {args.ready_timeout:.0f} s; stopping", file=sys.stderr)
+            server_process.stop(proc)
         return proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server_process.stop(proc, engine)
 
 
 if __name__ == "__main__":
