@@ -25,20 +25,24 @@ from ftp_vllm import envs
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
 
 
-def _routed_layer_op(positions: Tensor, normed: Tensor, residual: Tensor, layer_name: str) -> Tensor:
-    """A routed block for compiled graphs: returns the hidden states, updates `residual` in place."""
+def _routed_layer_op(positions: Tensor, normed: Tensor, residual: Tensor, output: Tensor, layer_name: str) -> None:
+    """A routed block for compiled graphs: its hidden states into the caller's `output`,
+    `residual` updated in place.  Writing into buffers the graph allocated, as vLLM's own
+    splitting ops do, keeps every tensor the next piece reads at an address fixed at
+    capture: a piecewise CUDA graph replays at those addresses."""
     layer = get_forward_context().no_compile_layers[layer_name]
     hidden, updated = layer.routed_block(positions, normed, residual)
+    output.copy_(hidden)
     if updated is not residual:
         residual.copy_(updated)
-    return hidden
 
 
-def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, layer_name: str) -> Tensor:
-    return torch.empty_like(normed)
+def _routed_layer_fake(positions: Tensor, normed: Tensor, residual: Tensor, output: Tensor, layer_name: str) -> None:
+    return None
 
 
-direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual"], fake_impl=_routed_layer_fake)
+direct_register_custom_op("ftp_routed_layer", _routed_layer_op, mutates_args=["residual", "output"],
+                          fake_impl=_routed_layer_fake)
 
 
 def _block_scores_op(scores: Tensor, normed: Tensor, layer_name: str) -> None:

@@ -46,12 +46,20 @@ class RoutingState(nn.Module):
     def begin_step(self, layer_name: str, positions: Tensor) -> None:
         """Read the step from vLLM's forward context (attention metadata of `layer_name`)."""
         self.step, self.routes_step = None, False
-        if not is_forward_context_available() or StepPrompts.prompt_lens is None:
+        if not is_forward_context_available():
             return
         metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):
+            raise RuntimeError("ftp-vllm: micro-batched steps (--enable-dbo, --ubatch-size) cannot be routed; "
+                               "serve without them")
         if isinstance(metadata, dict):
             metadata = metadata.get(layer_name)
-        if metadata is None:  # profiling and warm-up runs
+        if metadata is None:  # profiling runs
+            return
+        if StepPrompts.source is None:
+            raise RuntimeError("ftp-vllm: no prompt lengths reach the routed layers under this model runner, so "
+                               "nothing would be routed; serve with vLLM's V1 or V2 GPU/CPU model runner")
+        if StepPrompts.prompt_lens is None:  # warm-up and CUDA-graph capture runs
             return
         step = self.step = StepRouting.of(metadata, positions, self.router.routes_prompt)
         self.telemetry.begin_step()

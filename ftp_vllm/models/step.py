@@ -2,8 +2,11 @@
 
 vLLM's attention metadata says where each request's tokens are (`query_start_loc`),
 their cache slots and pages, but not which tokens are prompt tokens.  The model
-runner knows: `install_step_hook` copies each request's prompt length before
-every forward, and `StepRouting.of` reads the rest from the metadata.
+runner knows, and a step source copies each request's prompt length before every
+real step (`StepPrompts`): under vLLM's V1 model runner (the CPU's, and CUDA's
+where V1 is chosen) a wrap of the method the runner calls the model from; under
+the V2 runner (CUDA's default) the model-state hook V2 offers models.
+`StepRouting.of` reads the rest from the metadata.
 """
 
 from __future__ import annotations
@@ -17,28 +20,92 @@ from ftp_vllm.router import RankLayout, local_index, request_ids
 
 
 class StepPrompts:
-    """Prompt length of each request of the coming step, in batch order (one engine per
-    process, one step at a time); set by `install_step_hook`."""
+    """Prompt length of each request of the step being run, in batch order; None outside a
+    real step (profiling, warm-up, CUDA-graph capture).  One engine per process, one step at a
+    time.  `source` names the model runner that feeds it: None means nothing will, and a
+    routed model must not run (`RoutingState.begin_step` stops it)."""
 
     prompt_lens: Tensor | None = None
+    source: str | None = None
 
 
-def install_step_hook() -> None:
-    """Wrap the model runner's input preparation to record prompt lengths (idempotent)."""
+def install_v1_step_source() -> None:
+    """V1 model runner: set the prompt lengths around `_model_forward`, which the runner calls
+    for real steps only, inside the forward context, and documents as the place to override
+    model execution; cleared afterwards, so no dummy run sees a past step (idempotent)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner._prepare_inputs
-    if getattr(original, "ftp_hook", False):
-        return
+    original = GPUModelRunner._model_forward
+    if not getattr(original, "ftp_step_source", False):
+        def _model_forward(self, *args, **kwargs):
+            n = self.input_batch.num_reqs
+            StepPrompts.prompt_lens = self.input_batch.num_prompt_tokens_cpu_tensor[:n].to(self.device, copy=True)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                StepPrompts.prompt_lens = None
 
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        result = original(self, scheduler_output, num_scheduled_tokens)
-        n = self.input_batch.num_reqs
-        StepPrompts.prompt_lens = self.input_batch.num_prompt_tokens_cpu_tensor[:n].to(self.device, copy=True)
-        return result
+        _model_forward.ftp_step_source = True
+        GPUModelRunner._model_forward = _model_forward
+    StepPrompts.source = "v1"
 
-    _prepare_inputs.ftp_hook = True
-    GPUModelRunner._prepare_inputs = _prepare_inputs
+
+def v2_model_state_cls() -> type:
+    """V2 model runner: the model state class it builds for a model that names one
+    (`get_model_state_cls`); its `prepare_inputs` runs before every forward, real or dummy."""
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    class FTPModelState(DefaultModelState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            StepPrompts.source = "v2"
+
+        def prepare_inputs(self, input_batch, req_states):
+            # a dummy batch's request ids are made up; a real one's are the runner's requests
+            real = input_batch.num_reqs > 0 and input_batch.req_ids[0] in req_states.req_id_to_index
+            StepPrompts.prompt_lens = req_states.prompt_len.gpu[input_batch.idx_mapping] if real else None
+            return super().prepare_inputs(input_batch, req_states)
+
+        def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int):
+            StepPrompts.prompt_lens = None
+            return super().prepare_dummy_inputs(num_reqs, num_tokens)
+
+    return FTPModelState
+
+
+# attention backends whose metadata has what `StepRouting.of` reads, under the same names
+ROUTABLE_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+
+
+def refuse_unroutable(vllm_config, attention_layers) -> None:
+    """Stop the engine at start, with one line naming the cause and the fix, where a step
+    could arrive without what routing needs: a router must never serve dense output."""
+    parallel = vllm_config.parallel_config
+    backends = sorted({layer.attn_backend.get_name() for layer in attention_layers} - set(ROUTABLE_BACKENDS))
+    if backends:
+        raise ValueError(f"ftp-vllm: the {', '.join(backends)} attention backend's metadata lacks the request "
+                         "layout routing reads; start with --attention-backend FLASH_ATTN (or TRITON_ATTN)")
+    if parallel.use_ubatching:
+        raise ValueError("ftp-vllm: micro-batched steps (--enable-dbo, --ubatch-size) cannot be routed; "
+                         "serve without them")
+    if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        raise ValueError("ftp-vllm: prefill context parallelism splits a request's tokens across ranks, which "
+                         "routing does not follow; serve with --prefill-context-parallel-size 1")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("ftp-vllm: speculative decoding is not supported with a router; serve without "
+                         "--speculative-config")
+    import vllm.envs
+
+    if vllm.envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+        raise ValueError("ftp-vllm: breakable CUDA graphs capture the routing decisions of one step and "
+                         "replay them; unset VLLM_USE_BREAKABLE_CUDAGRAPH")
+
+
+def install_step_source(vllm_config) -> None:
+    """The step source for the model runner vLLM picked (the same property its worker reads)."""
+    if vllm_config.use_v2_model_runner:
+        return  # `v2_model_state_cls`, which the V2 runner asks the model for after loading it
+    install_v1_step_source()
 
 
 @dataclass

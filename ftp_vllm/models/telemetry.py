@@ -35,6 +35,7 @@ class Telemetry(nn.Module):
         self.target_sparsity = checkpoint_config.get("target_sparsity")
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(router.num_blocks, 4, dtype=torch.int64), persistent=False)
+        self.host_counts = torch.zeros(router.num_blocks, 4, dtype=torch.int64)  # what readers read (`_publish`)
         self.interval = envs.FTP_VLLM_STATS_INTERVAL
         self.trace_path = envs.FTP_VLLM_TRACE
         self.stats_path = envs.FTP_VLLM_STATS
@@ -67,6 +68,7 @@ class Telemetry(nn.Module):
             num_prompt, num_decode = step.num_prompt, step.num_tokens - step.num_prompt
             self.counts[self.keep_all_blocks] += torch.tensor([num_prompt, num_prompt, num_decode, num_decode],
                                                               device=self.counts.device)
+        self._publish()
         if self.trace_path:
             self._write_trace(step, positions, stock_graph)
         now = time.monotonic()
@@ -74,10 +76,22 @@ class Telemetry(nn.Module):
             self._last_log = now
             self._log(self.stats())
 
+    def _publish(self) -> None:
+        """The counters where the log and the stats thread read them: on a CPU the buffer
+        itself; on an accelerator a pinned host copy made without waiting for the device, so
+        that no reader syncs with it or touches a stream that vLLM may be capturing."""
+        counts = self.counts
+        if counts.device.type == "cpu":
+            self.host_counts = counts
+            return
+        if self.host_counts.device.type != "cpu" or self.host_counts.is_pinned() != counts.is_cuda:
+            self.host_counts = torch.zeros(counts.shape, dtype=counts.dtype, pin_memory=counts.is_cuda)
+        self.host_counts.copy_(counts, non_blocking=True)
+
     def stats(self, counts: list | None = None) -> dict:
         """Realised sparsity since start: the share of token-block computations skipped,
         over all blocks (blocks the router never routes count as computing every token)."""
-        c = self.counts.tolist() if counts is None else counts
+        c = self.host_counts.tolist() if counts is None else counts
         num_blocks = self.num_blocks
         prompt_tokens = max(row[1] for row in c)  # every routed block sees every token
         decode_tokens = max(row[3] for row in c)
@@ -111,7 +125,7 @@ class Telemetry(nn.Module):
         written = None
         while True:
             time.sleep(min(1.0, self.interval) or 0.1)
-            counts = self.counts.tolist()
+            counts = self.host_counts.tolist()
             if counts != written:
                 self._write_stats(self.stats(counts))
                 written = counts
