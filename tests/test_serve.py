@@ -1,4 +1,5 @@
-"""`make serve`'s launcher on the real model: OpenAI clients, curl as the README writes it, clean shutdown."""
+"""`make serve`'s launcher on the real model: OpenAI clients, curl as the README writes it, request
+options and prefix-cache hits on prompts long enough to be routed, clean shutdown."""
 
 import json
 import os
@@ -13,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftp_vllm.server_process import free_port
+from ftp_vllm import server_process
+
+from .conftest import real_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.engine
@@ -27,39 +30,60 @@ def server(real_model, tmp_path_factory):
     """`make serve`'s launcher as a user runs it: the default 30% router, vLLM's default
     compiled mode and the launcher's CPU defaults, plus vLLM's `--api-key` and `--dtype float32`.
     The dtype is pinned because tests compare outputs across batches, which only float32 keeps
-    equal; the launcher would choose bfloat16 on a CPU that computes it natively."""
+    equal; the launcher would choose bfloat16 on a CPU that computes it natively.  Requests
+    report their prefix-cache hits (`--enable-prompt-tokens-details`), and vLLM's development
+    endpoints are on for `POST /reset_prefix_cache`."""
     import requests
 
-    port = free_port()
+    port = server_process.free_port()
     folder = tmp_path_factory.mktemp("serve")
-    stats = folder / "stats.json"
-    log = (folder / "server.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--api-key", API_KEY,
-         "--dtype", "float32"],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1"},
-    )
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and proc.poll() is None:
-        log.seek(0)
-        if "launch: ready at" in log.read():
-            break
-        time.sleep(2)
-    log.seek(0)
-    assert proc.poll() is None and "launch: ready at" in log.read(), log.read()[-4000:]
-    children = psutil.Process(proc.pid).children(recursive=True)
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {API_KEY}"
-    yield {"port": port, "proc": proc, "log": folder / "server.log", "stats": stats, "http": http}
-    if proc.poll() is None:  # a failed test left it running: stop it as Ctrl-C would, never orphan the engine
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for child in psutil.wait_procs(children, timeout=30)[1]:
-        child.kill()
+    stats, log = folder / "stats.json", folder / "server.log"
+    cmd = [sys.executable, str(ROOT / "serving" / "launch.py"), "--port", str(port), "--api-key", API_KEY,
+           "--dtype", "float32", "--enable-prompt-tokens-details", "--ready-timeout", "1800"]
+    env = {**os.environ, "FTP_VLLM_STATS": str(stats), "FTP_VLLM_STATS_INTERVAL": "1", "VLLM_SERVER_DEV_MODE": "1"}
+    with server_process.running(cmd, f"http://127.0.0.1:{port}", log, env, timeout=1800) as launched:
+        deadline = time.monotonic() + 120  # the launcher prints once it has seen /health answer
+        while "launch: ready at" not in launched.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "launch: ready at" in launched.log(), launched.log()[-4000:]
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {API_KEY}"
+        yield {"port": port, "url": launched.base_url, "proc": launched.proc, "log": log, "stats": stats,
+               "http": http}
+
+
+def routed_prompts(n: int, skip: int = 0) -> list[str]:
+    """Real prose of about 130-230 tokens, above the router's min_prompt of 64, so that the
+    router routes these prompts (shorter ones are served dense); `skip` picks other texts."""
+    return real_prompts(skip + n, words=100)[skip:]
+
+
+def settled_stats(server) -> dict:
+    """`/ftp/stats` once the engine's counters have reached it: two reads 1.5 s apart agree
+    (the engine writes them about once a second when they change)."""
+    last = None
+    for _ in range(40):
+        now = server["http"].get(f"{server['url']}/ftp/stats", timeout=10).json()
+        if now == last:
+            return now
+        last = now
+        time.sleep(1.5)
+    raise AssertionError("the realised-sparsity counters did not settle")
+
+
+def prompt_sparsity_since(server, before: dict) -> float:
+    """The share of prompt token-block computations skipped since `before`."""
+    after = settled_stats(server)
+    tokens = after["prompt_tokens"] - before["prompt_tokens"]
+    assert tokens > 0, "no prompt tokens were computed"
+    skipped = sum((a["prompt_total"] - a["prompt_kept"]) - (b["prompt_total"] - b["prompt_kept"])
+                  for a, b in zip(after["per_block"], before["per_block"]))
+    return skipped / (len(after["per_block"]) * tokens)
+
+
+def reset_prefix_cache(server) -> None:
+    r = server["http"].post(f"{server['url']}/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200 and r.json()["success"], r.text
 
 
 def test_openai_client_completions_chat_streaming(server):
@@ -174,29 +198,34 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_openai_client_options(server):
-    """n>1, stop strings, logprobs and echo (prompt logprobs) through the official client."""
+    """n>1, stop strings, logprobs and echo (prompt logprobs) through the official client, on
+    routed prompts: the realised prompt sparsity of these requests is above zero."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=API_KEY)
-    many = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, n=3,
-                                      temperature=1.0, seed=7)
+    client = OpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY)
+    sampled, greedy, scored_prompt, echoed = routed_prompts(4)
+    before = settled_stats(server)
+    many = client.completions.create(model=MODEL, prompt=sampled, max_tokens=12, n=3, temperature=1.0, seed=7)
     assert len(many.choices) == 3 and len({c.text for c in many.choices}) > 1
-    full = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
+    assert many.usage.prompt_tokens >= 64
+    full = client.completions.create(model=MODEL, prompt=greedy, max_tokens=16, temperature=0)
     stop = full.choices[0].text.strip()[:4][-1:]  # a character the greedy answer contains
-    cut = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[stop])
+    assert stop
+    cut = client.completions.create(model=MODEL, prompt=greedy, max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
     assert full.choices[0].text.startswith(cut.choices[0].text)
-    scored = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                       temperature=0, logprobs=3)
+    scored = client.completions.create(model=MODEL, prompt=scored_prompt, max_tokens=4, temperature=0, logprobs=3)
     lp = scored.choices[0].logprobs
     assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
     assert all(len(top) >= 1 for top in lp.top_logprobs)
-    echo = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=1,
-                                     temperature=0, logprobs=1, echo=True)
+    echo = client.completions.create(model=MODEL, prompt=echoed, max_tokens=1, temperature=0, logprobs=1, echo=True)
     lp = echo.choices[0].logprobs
-    assert echo.choices[0].text.startswith("The capital of France is Paris")
+    assert echo.choices[0].text.startswith(echoed)
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
     assert len(lp.tokens) == echo.usage.prompt_tokens + 1
+    realised = prompt_sparsity_since(server, before)
+    print(f"realised prompt sparsity of the option requests: {realised:.4f}")
+    assert realised > 0
 
 
 def test_bad_input_gets_4xx_and_server_keeps_serving(server):
@@ -254,6 +283,49 @@ def test_disconnect_and_cancel_leave_other_requests_intact(server):
     assert [c.choices[0].text for c in together] == alone
     health = server["http"].get(f"http://127.0.0.1:{server['port']}/health", timeout=30)
     assert health.status_code == 200
+
+
+def prefix_tail(ids: list[int]) -> list[int]:
+    """64 tokens from the middle of a document: the part after the shared prefix."""
+    return ids[200:264]
+
+
+def test_prefix_cache_hit_gives_the_tokens_of_a_full_prefill(server, real_model):
+    """B alone, then B after A, where A and B share a 384-token prefix (several KV blocks) and
+    differ after it: B's second run takes the prefix from the cache and answers the same."""
+    from transformers import AutoTokenizer
+
+    from ftp_vllm import texts
+
+    tok = AutoTokenizer.from_pretrained(real_model)
+    docs = [tok(doc).input_ids for doc in texts.documents("evaluation")]
+    docs = [ids for ids in docs if len(ids) >= 384][:3]
+    # A and B of equal length: a routed token's decisions depend on its prompt's length
+    prefix, a, b = docs[0][:384], prefix_tail(docs[1]), prefix_tail(docs[2])
+    prompt_a, prompt_b = prefix + a, prefix + b
+    assert len(prompt_a) == len(prompt_b) and a[0] != b[0]
+    url = f"{server['url']}/v1/completions"
+
+    def complete(prompt):
+        r = server["http"].post(url, timeout=300, json={"model": MODEL, "prompt": prompt, "max_tokens": 32,
+                                                        "temperature": 0, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["choices"][0]["logprobs"]["tokens"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    reset_prefix_cache(server)
+    before = settled_stats(server)
+    alone, cached = complete(prompt_b)
+    assert cached == 0
+    reset_prefix_cache(server)
+    _, cached = complete(prompt_a)
+    assert cached == 0
+    realised = prompt_sparsity_since(server, before)
+    print(f"realised prompt sparsity of B alone and A: {realised:.4f}")
+    assert realised > 0
+    after_a, cached = complete(prompt_b)
+    assert 256 <= cached <= len(prefix), cached
+    assert after_a == alone
 
 
 def test_lm_eval_local_completions_loglikelihood(server, real_model, tmp_path):
