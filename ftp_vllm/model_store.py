@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftp_vllm import envs
+
 MANIFESTS = Path(__file__).parent / "manifests"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -50,7 +52,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def home() -> Path:
-    return Path(os.environ.get("FTP_VLLM_HOME", Path.home() / ".cache" / "ftp-vllm"))
+    return envs.FTP_VLLM_HOME
 
 
 def model_dir(name: str) -> Path:

@@ -9,13 +9,15 @@ then generates all prompts in one batch.
 import json
 import os
 
+from ftp_vllm import envs
+
 
 def greedy_outputs(llm, prompts: list, max_tokens: int, one_by_one: bool = False,
                    also_together: bool = False) -> dict:
     """{"tokens", "traces"[, "tokens_together"]}: greedy token ids per prompt (`ignore_eos`)."""
     from vllm import SamplingParams
 
-    trace = os.environ.get("FTP_VLLM_TRACE")
+    trace = envs.FTP_VLLM_TRACE
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     groups = [[p] for p in prompts] if one_by_one else [prompts]
     tokens, traces = [], []

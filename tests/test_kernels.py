@@ -200,7 +200,7 @@ def test_vllm_cpu_kernel_over_query_runs_equals_reference():
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from ftp_vllm.models.routed import _cpu_attention
+    from ftp_vllm.kernels.backends import cpu_attention
 
     c = paged_case(block_size=32)
     num_kv_heads, head_dim = c.keys.shape[1:]
@@ -211,6 +211,6 @@ def test_vllm_cpu_kernel_over_query_runs_equals_reference():
     impl = SimpleNamespace(num_heads=c.q.shape[1], num_kv_heads=num_kv_heads, head_size=head_dim, scale=c.scale,
                            sliding_window=-1, alibi_slopes=None, logits_soft_cap=0, sinks=None, kv_cache_dtype="auto")
     layer = SimpleNamespace(impl=impl, kv_cache=kv_cache, isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    got = _cpu_attention(layer, c.q, c.kept, c.requests, c.positions, c.block_table)
+    got = cpu_attention(layer, c.q, c.kept, c.requests, c.positions, c.block_table)
     want = reference_attention_at_positions(c.q, c.positions, c.requests, c.block_table, c.k_plain, c.v_plain, c.scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,6 @@ from vllm.model_executor.layers.attention.attention import unified_kv_cache_upda
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.models.utils import extract_layer_index
 
-from ftp_vllm.kernels.backends import cpu_attention as _cpu_attention  # noqa: F401  (imported from here by tests)
 from ftp_vllm.kernels.backends import kept_attention
 from ftp_vllm.models.compiled import StockGraph, compile_parts, keep_routing_out_of_graphs
 from ftp_vllm.models.routing import RoutingState
