@@ -252,27 +252,28 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server):
 
 def test_disconnect_and_cancel_leave_other_requests_intact(server):
     """A client that drops a stream and one that cancels a request in flight: the server keeps
-    serving and concurrent requests get the same output as when sent alone."""
+    serving and concurrent routed requests get the same output as when sent alone."""
     import asyncio
 
     from openai import AsyncOpenAI
 
-    base = f"http://127.0.0.1:{server['port']}/v1"
-    prompts = [f"Write a short list of {n} fruits:" for n in (3, 4, 5, 6)]
+    base = f"{server['url']}/v1"
+    *prompts, dropped, cancelled = routed_prompts(6, skip=4)
     alone = [server["http"].post(f"{base}/completions", timeout=120, json={
         "model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
+    reset_prefix_cache(server)  # the concurrent requests compute their prompts again, routed in one batch
+    before = settled_stats(server)
 
     # dropped stream: read a few chunks, then close the connection
     with server["http"].post(f"{base}/completions", stream=True, timeout=120, json={
-            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True,
-            "ignore_eos": True}) as r:
+            "model": MODEL, "prompt": dropped, "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
         lines = r.iter_lines()
         assert [next(lines) for _ in range(3)]
 
     async def run():
         client = AsyncOpenAI(base_url=base, api_key=API_KEY, max_retries=0)
         doomed = asyncio.create_task(client.completions.create(
-            model=MODEL, prompt="Tell me another long story.", max_tokens=400, extra_body={"ignore_eos": True}))
+            model=MODEL, prompt=cancelled, max_tokens=400, extra_body={"ignore_eos": True}))
         others = [asyncio.create_task(client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0))
                   for p in prompts]
         await asyncio.sleep(1.0)
@@ -281,7 +282,10 @@ def test_disconnect_and_cancel_leave_other_requests_intact(server):
 
     together = asyncio.run(run())
     assert [c.choices[0].text for c in together] == alone
-    health = server["http"].get(f"http://127.0.0.1:{server['port']}/health", timeout=30)
+    assert all(c.usage.prompt_tokens >= 64 for c in together)
+    realised = prompt_sparsity_since(server, before)
+    assert realised > 0
+    health = server["http"].get(f"{server['url']}/health", timeout=30)
     assert health.status_code == 200
 
 
