@@ -28,6 +28,8 @@ import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from ftp_vllm.hardware import bind_cpu_threads
+
 # `LLM` arguments under the caller's: a KV cache that fits a CPU's NUMA node (vLLM's default
 # share of memory does not), the worker in the engine's process, and seeded sampling.
 ENGINE_DEFAULTS = {"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni", "seed": 0}
@@ -37,8 +39,7 @@ def engine_env(env: MutableMapping) -> MutableMapping:
     """Set in `env`: the engine core in the caller's process (so that one process holds the
     model, and a job reaches it), OpenMP threads on every core unless bound already."""
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-    return env
+    return bind_cpu_threads(env)
 
 
 class EngineError(RuntimeError):

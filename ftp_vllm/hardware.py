@@ -15,6 +15,13 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def bind_cpu_threads(env: dict) -> dict:
+    """vLLM's CPU engine threads on every core, unless `VLLM_CPU_OMP_THREADS_BIND` in `env`
+    binds them already."""
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+    return env
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without, vLLM's CPU
     kernels emulate it and float32 is faster."""

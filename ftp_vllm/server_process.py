@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftp_vllm.hardware import has_gpu, kv_cache_bytes, native_bf16
+from ftp_vllm.hardware import bind_cpu_threads, has_gpu, kv_cache_bytes, native_bf16
 
 
 def has_flag(args: list[str], *flags: str) -> bool:
@@ -48,9 +48,7 @@ def serve_env(env: dict | None = None) -> dict:
     """The environment for a server: on a machine without a GPU the engine's threads are bound
     to every core unless `VLLM_CPU_OMP_THREADS_BIND` says otherwise."""
     env = {**os.environ, **(env or {})}
-    if not has_gpu():
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-    return env
+    return env if has_gpu() else bind_cpu_threads(env)
 
 
 def free_port() -> int:
