@@ -93,6 +93,14 @@ def test_a_step_no_runner_describes_stops_the_engine(monkeypatch):
         state.begin_step("layer", torch.zeros(4, dtype=torch.long))
 
 
+def test_a_real_step_without_attention_metadata_stops_the_engine(monkeypatch):
+    state = routing_state(monkeypatch)
+    StepPrompts.source, StepPrompts.prompt_lens = "v1", torch.tensor([80])
+    forward_context(monkeypatch, {"another layer": SimpleNamespace()})
+    with pytest.raises(RuntimeError, match="^ftp-vllm: a step arrived without attention metadata for layer"):
+        state.begin_step("layer", torch.zeros(4, dtype=torch.long))
+
+
 def test_warm_up_and_profiling_steps_run_stock(monkeypatch):
     state = routing_state(monkeypatch)
     StepPrompts.source = "v2"

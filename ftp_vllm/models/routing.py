@@ -46,15 +46,16 @@ class RoutingState(nn.Module):
     def begin_step(self, layer_name: str, positions: Tensor) -> None:
         """Read the step from vLLM's forward context (attention metadata of `layer_name`)."""
         self.step, self.routes_step = None, False
-        if not is_forward_context_available():
-            return
-        metadata = get_forward_context().attn_metadata
+        metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
         if isinstance(metadata, list):
             raise RuntimeError("ftp-vllm: micro-batched steps (--enable-dbo, --ubatch-size) cannot be routed; "
                                "serve without them")
         if isinstance(metadata, dict):
             metadata = metadata.get(layer_name)
-        if metadata is None:  # profiling runs
+        if metadata is None:  # profiling runs; a real step always carries its attention metadata
+            if StepPrompts.prompt_lens is not None:
+                raise RuntimeError(f"ftp-vllm: a step arrived without attention metadata for {layer_name}, so "
+                                   "nothing would be routed")
             return
         if StepPrompts.source is None:
             raise RuntimeError("ftp-vllm: no prompt lengths reach the routed layers under this model runner, so "
