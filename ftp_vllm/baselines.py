@@ -28,9 +28,10 @@ KeepRule = Callable[[Tensor, Tensor], Tensor]  # (cu_seqlens, prompt_lens [R]) -
 
 # ---- keep masks of one batch -------------------------------------------------------
 
-def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None) -> Tensor:
+def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None, min_prompt: int = 0) -> Tensor:
     """Static router on each prompt at each block's sparsity; the always-kept tokens too.
-    Continuation tokens are kept: a decode token is the most recent token, which it keeps."""
+    Continuation tokens are kept: a decode token is the most recent token, which it keeps.
+    A prompt shorter than `min_prompt` is kept whole, as a router with that `min_prompt` serves it."""
     tok = Tokens.of(cu_seqlens, prompt_lens)
     rows = []
     for s in sparsity:
@@ -38,7 +39,7 @@ def static_keep(cu_seqlens: Tensor, sparsity, prompt_lens: Tensor | None = None)
         bounds, prompt = cu_seqlens.tolist(), tok.prompt_cu.tolist()
         for r, start in enumerate(bounds[:-1]):
             n = prompt[r + 1] - prompt[r]
-            keep[start:start + n] |= R.static_router_keep(n, float(s))
+            keep[start:start + n] |= R.static_router_keep(n, float(s) if n >= min_prompt else 0.0)
         rows.append(keep)
     return torch.stack(rows)
 
@@ -78,13 +79,14 @@ def change_oracle(sparsity, recency: float = 0.0) -> Oracle:
 
 # ---- rules for any batch -----------------------------------------------------------
 
-def static_rule(schedule: Sequence[float]) -> KeepRule:
-    """Static router on prompts; a decode token is the most recent token, which it keeps."""
+def static_rule(schedule: Sequence[float], min_prompt: int = 0) -> KeepRule:
+    """Static router on prompts of `min_prompt` tokens or more (shorter ones run dense); a decode
+    token is the most recent token, which it keeps."""
 
     def rule(cu, prompt_lens):
         if not prompt_lens.any():
             return torch.ones(len(schedule), int(cu[-1]), dtype=torch.bool)
-        return static_keep(cu, schedule, prompt_lens)
+        return static_keep(cu, schedule, prompt_lens, min_prompt)
 
     return rule
 

@@ -7,22 +7,43 @@ sparsity   sum_b max(target_b - realised_b, 0), realised from the soft keep
            probabilities: one-sided, so only under-pruning costs.
 distill    KL(dense || pruned) of the next-token distributions: what pruning
            must not change.
+
+The guide and the hinge count only the tokens the router decides for a target
+(`Decided`): a token no threshold can skip would add a deficit, or a teacher
+decision, that no change of the router can move.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def guide_loss(
-    router_logits: Tensor, teacher_keep: Tensor, routed: list[int], token_mask: Tensor | None = None
-) -> Tensor:
-    """BCE over the routed blocks' tokens; logits/teacher are [B, T]."""
-    logits, target = router_logits[routed], teacher_keep[routed].float()
-    if token_mask is not None:
-        logits, target = logits[:, token_mask], target[:, token_mask]
-    return F.binary_cross_entropy_with_logits(logits, target)
+@dataclass
+class Decided:
+    """[B, T] masks of the tokens a router decides at each block, by the target they count
+    against.  `prompt`: the prompt tokens of the prompts it routes, its forced keeps included
+    (they count as kept, as threshold calibration and the serving counters count them);
+    `decode`: continuation tokens; each only where the block's target is above 0.  `free`: the
+    prompt tokens no rule keeps, the ones the guide fits."""
+
+    prompt: Tensor
+    decode: Tensor
+    free: Tensor
+    prompt_targets: Tensor  # [B]
+    decode_targets: Tensor  # [B]
+
+
+def guide_loss(router_logits: Tensor, teacher_keep: Tensor, mask: Tensor | None = None) -> Tensor:
+    """BCE of the logits against the teacher's decisions (both [B, T]) over `mask` [B, T]
+    (default every entry); 0 without any."""
+    if mask is not None:
+        router_logits, teacher_keep = router_logits[mask], teacher_keep[mask]
+    if not router_logits.numel():
+        return router_logits.new_zeros(())
+    return F.binary_cross_entropy_with_logits(router_logits, teacher_keep.float())
 
 
 def guide_weight(step: int, decay_steps: int) -> float:
@@ -31,14 +52,22 @@ def guide_weight(step: int, decay_steps: int) -> float:
 
 
 def realised_sparsity(keep_prob: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """[B] share of tokens each block skips, from keep probabilities [B, T]."""
-    if token_mask is not None:
-        keep_prob = keep_prob[:, token_mask]
-    return 1 - keep_prob.mean(-1)
+    """[B] share of tokens each block skips, from keep probabilities [B, T], over `token_mask`
+    ([T] or [B, T]; default every token); a block with none there reads 1, meeting any target."""
+    if token_mask is None:
+        return 1 - keep_prob.mean(-1)
+    mask = token_mask.expand_as(keep_prob).to(keep_prob.dtype)
+    return 1 - (keep_prob * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 def sparsity_hinge(keep_prob: Tensor, targets: Tensor, token_mask: Tensor | None = None) -> Tensor:
     return (targets - realised_sparsity(keep_prob, token_mask)).clamp_min(0).sum()
+
+
+def decided_hinge(keep_prob: Tensor, decided: Decided) -> Tensor:
+    """The hinge of each block's prompt and decode tokens against its own targets."""
+    return (sparsity_hinge(keep_prob, decided.prompt_targets, decided.prompt)
+            + sparsity_hinge(keep_prob, decided.decode_targets, decided.decode))
 
 
 def distill_loss(pruned_logits: Tensor, dense_logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -49,22 +78,15 @@ def distill_loss(pruned_logits: Tensor, dense_logits: Tensor, token_mask: Tensor
     return F.kl_div(log_pruned, log_dense, log_target=True, reduction="batchmean")
 
 
-def ftp_loss(
-    out,
-    dense_logits: Tensor,
-    teacher_keep: Tensor,
-    targets: Tensor,
-    guide_scale: float,
-    weights=(1.0, 1.0, 1.0),
-    token_mask: Tensor | None = None,
-):
+def ftp_loss(out, dense_logits: Tensor, teacher_keep: Tensor, decided: Decided, guide_scale: float,
+             weights=(1.0, 1.0, 1.0)):
     """Weighted sum (guide weight times `guide_scale`) and the parts, from a `RoutedOutput` of
-    a pass under `reference.TrainingGate`."""
-    no_router = out.logits.new_zeros(())
+    a pass under `reference.TrainingGate`; the guide over `decided.free`, the hinge over the
+    decided tokens of each kind."""
     parts = {
-        "guide": guide_loss(out.router_logits, teacher_keep, out.routed, token_mask) if out.routed else no_router,
-        "sparsity": sparsity_hinge(out.keep_prob, targets, token_mask),
-        "distill": distill_loss(out.logits, dense_logits, token_mask),
+        "guide": guide_loss(out.router_logits, teacher_keep, decided.free),
+        "sparsity": decided_hinge(out.keep_prob, decided),
+        "distill": distill_loss(out.logits, dense_logits),
     }
     w_guide, w_sparsity, w_distill = weights
     total = w_guide * guide_scale * parts["guide"] + w_sparsity * parts["sparsity"] + w_distill * parts["distill"]
