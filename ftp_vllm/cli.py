@@ -67,6 +67,8 @@ def _add_train_parser(sub) -> None:
     for name, help_ in [
         ("steps", "router training steps"), ("seed", "seed of data order, search and initialisation"),
         ("lr", "router learning rate"), ("train_batch", "chunks per training step"),
+        ("temperature_start", "training gate temperature at the first step, annealed geometrically to --temperature"),
+        ("temperature", "training gate temperature at the last step"),
         ("guide_fit_steps", "warm-start steps on the guide loss"),
         ("min_prompt", "prompts shorter than this many tokens are served dense"), ("chunk_len", "tokens per text chunk"),
         ("context", "routed prompt tokens of a scored chunk; the rest is the continuation"),

@@ -8,9 +8,12 @@
    routed prompt, then a continuation under the decode schedule), distilling
    the outputs a served request uses: the continuation's next-token predictions;
    the training gate uses thresholds calibrated on each step (`gate`), as
-   serving will.  The trained MLP is kept only if its continuation KL on the
-   search text beats the warm start's (model selection on calibration text;
-   both figures go into the checkpoint);
+   serving will, and a temperature annealed from `temperature_start` to
+   `temperature`.  Each loss is measured before and after on one fixed batch
+   of the threshold calibration chunks, which training steps never see.  The
+   trained MLP is kept only if its continuation KL on the search text beats
+   the warm start's (model selection on calibration text; both figures go
+   into the checkpoint);
 4. thresholds calibrated so each block's realised prompt and decode sparsity
    equal the schedule on calibration text;
 5. the schedule searched again with the trained router (fine-tuning the first
@@ -58,7 +61,8 @@ class TrainSettings:
     guide_fit_steps: int = 300
     train_batch: int = 2  # chunks per training step
     min_prompt: int = 64  # shorter prompts are served dense
-    temperature: float = 1.0
+    temperature_start: float = 8.0  # training gate temperature, annealed geometrically from this ...
+    temperature: float = 1.0  # ... to this over the steps
     guide_decay: float = 0.5
     chunk_len: int = 256
     context: int = 224  # prompt part of an evaluation chunk; the rest is the scored continuation
@@ -144,7 +148,7 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         router, guide_fit = warm_started_router(model, static.schedule, decode_of, calib_text, s)
     with timed(stages, "training"):
         warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
-        history = train_on_chunks(model, router, train_text, s)
+        run = train_on_chunks(model, router, train_text, calib_text, s)
         fitness = searched_fitness(model, router, searched, decode_of)
         selection = {**keep_better_mlp(router, warm, fitness, static.schedule), "guide_fit_loss": round(guide_fit, 5)}
     with timed(stages, "router_search"):
@@ -153,7 +157,9 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
         router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
     with timed(stages, "thresholds_and_evaluation"):
         reached = calibrate_and_measure(model, router, calib_text, eval_text)
-    training = {"command": command, "loss": loss_summary(history), "selection": selection,
+    training = {"command": command, "loss": loss_summary(run.history),
+                "held_back_loss": {"batch": f"the first {s.train_batch} threshold calibration chunks", **run.held_back},
+                "selection": selection,
                 "wall_time_s": round(time.perf_counter() - t0, 1), "stage_wall_time_s": stages}
     config = training_config(s, folder, static, tuned, reached, training, len(train_text))
     out = save_checkpoint(s.out, router, config)
@@ -202,16 +208,20 @@ def warm_started_router(model: RoutedModel, schedule: list[float], decode_of, ca
     return router, guide_fit
 
 
-def train_on_chunks(model: RoutedModel, router, train_text, s: TrainSettings) -> list[dict]:
+def train_on_chunks(model: RoutedModel, router, train_text, calib_text: ContinuationBatch, s: TrainSettings):
     """Router training on the training chunks, `train_batch` chunks a step, each served as in
-    evaluation; returns the per-step losses."""
+    evaluation, with the losses on the first `train_batch` threshold calibration chunks before
+    and after; returns the `train.TrainingRun`."""
     from .train import train_router
 
-    batches = [(b.input_ids, b.cu_seqlens, b.scored, b.prompt_lens)
-               for b in (ContinuationBatch.of(train_text[i:i + s.train_batch], s.context)
-                         for i in range(0, len(train_text), s.train_batch))]
-    return train_router(model, router, batches, s.steps, lr=s.lr, temperature=s.temperature,
-                        guide_decay=s.guide_decay, progress=s.progress, calibrated=s.gate == "calibrated")
+    as_batch = lambda b: (b.input_ids, b.cu_seqlens, b.scored, b.prompt_lens)  # noqa: E731
+    batches = [as_batch(ContinuationBatch.of(train_text[i:i + s.train_batch], s.context))
+               for i in range(0, len(train_text), s.train_batch)]
+    calib_chunks = calib_text.input_ids.view(len(calib_text.prompt_lens), -1)
+    held_back = as_batch(ContinuationBatch.of(calib_chunks[:s.train_batch], s.context))
+    return train_router(model, router, batches, s.steps, lr=s.lr, temperature=(s.temperature_start, s.temperature),
+                        guide_decay=s.guide_decay, progress=s.progress, calibrated=s.gate == "calibrated",
+                        held_back=held_back)
 
 
 def keep_better_mlp(router, warm: dict, fitness: Fitness, schedule: list[float]) -> dict:
@@ -250,6 +260,7 @@ def training_config(s: TrainSettings, folder, static: SearchResult, tuned: Searc
                                 "training": train_chunks, "evaluation": s.eval_chunks,
                                 "tokens_per_chunk": s.chunk_len}},
             "loss": training["loss"],
+            "held_back_loss": training["held_back_loss"],
             "selection": training["selection"],
             "wall_time_s": training["wall_time_s"],
             "stage_wall_time_s": training["stage_wall_time_s"],
@@ -299,7 +310,7 @@ def evaluate(model: RoutedModel, router, batch: ContinuationBatch) -> tuple[dict
     router.set_schedule(prompt_schedule, [0.0] * len(prompt_schedule))
     results["routed, decode dense"] = continuation_logprobs(model, batch, Served(router))
     router.set_schedule(prompt_schedule, decode_schedule)
-    keep = static_keep(batch.cu_seqlens, prompt_schedule, batch.prompt_lens)
+    keep = static_keep(batch.cu_seqlens, prompt_schedule, batch.prompt_lens, router.min_prompt)
     results["static router, decode dense"] = continuation_logprobs(model, batch, GivenMasks(keep))
     quality = {
         "text": f"held-out evaluation text, {len(batch.prompt_lens)} chunks: {int(batch.prompt_lens[0])}-token "
@@ -422,6 +433,17 @@ def loss_summary(history: list[dict]) -> dict:
     return {key: {"first": mean(history[:k], key), "last": mean(history[-k:], key)} for key in history[0]}
 
 
+def loss_line(training: dict) -> str:
+    """Each loss on the held-back batch before -> after training; a checkpoint trained before
+    that was recorded gives the first -> last tenth of training's batches instead."""
+    held = training.get("held_back_loss", {})
+    if "before" in held:
+        return "training loss on a held-back batch (before -> after): " + ", ".join(
+            f"{k} {v} -> {held['after'][k]}" for k, v in held["before"].items())
+    return "training loss (first -> last tenth): " + ", ".join(
+        f"{k} {v['first']} -> {v['last']}" for k, v in training["loss"].items())
+
+
 def format_summary(folder: Path, config: dict) -> str:
     cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
     ev = config["realised_sparsity"]["evaluation_text (held out)"]
@@ -439,8 +461,7 @@ def format_summary(folder: Path, config: dict) -> str:
         "realised on held-out prompts of " + ", ".join(
             f"{L}: {r['held_out_prompt_sparsity']}" for L, r in config["realised_sparsity"].get("short_prompts", {}).items())
         + " tokens (short-prompt thresholds)",
-        "training loss (first -> last tenth): " + ", ".join(
-            f"{k} {v['first']} -> {v['last']}" for k, v in config["training"]["loss"].items()),
+        loss_line(config["training"]),
         f"router kept: {selection['kept']} (search-text continuation KL: warm start "
         f"{selection['search_text_continuation_kl']['warm start']}, trained {selection['search_text_continuation_kl']['trained']})",
         "schedule search fitness (calibration KL): static "

@@ -13,9 +13,11 @@ TINY_SETTINGS = [
 
 def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     out = tmp_path / "router"
-    argv = ["train", "--model", tiny_llama, "--sparsity", "0.3", "--decode-sparsity", "0.15", "--out", str(out), *TINY_SETTINGS]
+    argv = ["train", "--model", tiny_llama, "--sparsity", "0.3", "--decode-sparsity", "0.15", "--out", str(out),
+            "--temperature-start", "4", *TINY_SETTINGS]
     assert main(argv) == 0
-    assert "realised on held-out text" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "realised on held-out text" in summary and "on a held-back batch (before -> after)" in summary
     router, config = load_checkpoint(out)
     check_compatible(config, tiny_llama)
     assert abs(router.sparsity.mean().item() - 0.3) < 1e-6 and abs(router.decode_sparsity.mean().item() - 0.15) < 1e-6
@@ -23,6 +25,10 @@ def test_train_cli_end_to_end_on_tiny_model(tiny_llama, tmp_path, capsys):
     assert config["training"]["command"].startswith("ftp-vllm train --model")
     assert "8-token routed prompt" in config["search"]["fitness"]
     assert len(config["training"]["loss"]) == 4 and config["quality"]["routed"]["ppl_ratio_to_dense"] > 0
+    held_back = config["training"]["held_back_loss"]
+    assert set(held_back["before"]) == set(held_back["after"]) == {"guide", "sparsity", "distill"}
+    assert "calibration chunks" in held_back["batch"]
+    assert config["training"]["settings"]["temperature_start"] == 4.0 and config["training"]["settings"]["temperature"] == 1.0
     selection = config["training"]["selection"]
     assert selection["kept"] in ("trained", "warm start") and set(selection["search_text_continuation_kl"]) == {"warm start", "trained"}
     cal = config["realised_sparsity"]["calibration_text (thresholds fitted here)"]
