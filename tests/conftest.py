@@ -33,7 +33,8 @@ def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
 
     A run is {"llm": {LLM kwargs; eager unless they say}, "prompts": [...], "max_tokens": N,
     "one_by_one": bool, "also_together": bool, "env": {...}}; its answer is
-    {"architecture", "tokens", "traces"[, "tokens_together"]} (see `engine_worker`)."""
+    {"architecture", "tokens", "traces", "score_writes"[, "tokens_together"]} (see
+    `engine_worker`)."""
     from ftp_vllm.engine_process import EngineProcess
 
     from .engine_worker import greedy_outputs

@@ -88,6 +88,8 @@ def test_vllm_keep_masks_and_tokens_equal_reference(tiny_llama, tiny_router, tmp
     ]
     whole, chunked, batched, keys = run_engines(runs)
     assert whole["architecture"] == "FTPLlamaForCausalLM"
+    # decode tokens are routed: decode steps score their tokens, which later decisions rank against
+    assert any(num_prompt == 0 for num_prompt, _ in whole["score_writes"])
     for i, prompt in enumerate(prompts):
         generated = whole["tokens"][i]
         ref_keep, ref_greedy = reference_masks(model, router, prompt, generated)
@@ -186,7 +188,7 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     """vLLM's default compiled mode: same decisions and greedy tokens as eager (float32).
     Decode tokens are kept (as by the shipped routers) and prompts routed (by the tiny
     router's decode thresholds, and its short-prompt ones for the 40-token prompt), so
-    decode steps run the stock graph (stock blocks that record scores) and prompt steps
+    decode steps run the stock graph (the stock model: no scores) and prompt steps
     vLLM's graph with the routed blocks as an opaque op, which runs its MLP in chunks of
     16 tokens here (as it does for a real model's large steps on CPUs).  Steps that mix
     prompt chunks with decode tokens decide on the prompts' requests alone; both modes
@@ -207,6 +209,9 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
         for mode in ("eager", "compiled")
     ])
     assert compiled["tokens"] == eager["tokens"]
+    # decode tokens are kept: a decode step scores nothing (nothing would read it), as stock vLLM
+    for run in (eager, compiled):
+        assert run["score_writes"] and all(num_prompt > 0 for num_prompt, _ in run["score_writes"])
     routed = [b for b, target in enumerate(SCHEDULE) if target > 0]
     for i, prompt in enumerate(prompts):
         ids = prompt["prompt_token_ids"]

@@ -4,9 +4,10 @@ A step that routes runs vLLM's graph of the model, in which each routed block's
 routed part is one op opaque to the compiler (`vllm::ftp_routed_layer`: its
 shapes depend on the decisions).  A step in which no block can skip a token
 (decode steps of a router that keeps decode tokens, steps whose prompts are all
-too short to route) runs a second graph, `StockGraph`: the stock model plus, at
-each routed block, an op that records its tokens' scores, which later tokens
-rank against (`vllm::ftp_block_scores`).  Both ops find their layer by name in
+too short to route) runs a second graph, `StockGraph`: the stock model plus, for
+a router that routes decode tokens, at each routed block an op that records its
+tokens' scores, which later tokens rank against (`vllm::ftp_block_scores`);
+otherwise nothing but the stock model (`RoutingState.records_scores`).  Both ops find their layer by name in
 vLLM's forward context, as vLLM's own opaque ops do.
 """
 
@@ -76,7 +77,7 @@ def keep_routing_out_of_graphs(compilation_config) -> None:
                                          "intermediate_tensors": {0: "b"}, "inputs_embeds": {0: "b"}})
 class StockGraph(nn.Module):
     """vLLM's compiled graph of the model as its routed blocks run in a step that routes
-    nowhere: stock blocks that record their tokens' scores.  The model's layers read
+    nowhere: stock blocks, which record their tokens' scores where later tokens read them.  The model's layers read
     `tracing` while the compiler traces this module (a compiled graph never reads it)."""
 
     tracing = False

@@ -83,9 +83,10 @@ class RoutedDecoderLayer(nn.Module):
 
     def route(self, positions: Tensor, normed: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """The routing step: everything after the input norm of a routed block."""
-        if StockGraph.tracing:  # a step that routes nowhere: the stock block, scores recorded
-            scores = hidden_scores(normed, self.score_weight, self.score_bias)
-            torch.ops.vllm.ftp_block_scores(scores, normed, self.prefix)
+        if StockGraph.tracing:  # a step that routes nowhere: the stock block, scores recorded if read later
+            if self.routing[0].records_scores:
+                scores = hidden_scores(normed, self.score_weight, self.score_bias)
+                torch.ops.vllm.ftp_block_scores(scores, normed, self.prefix)
             return self.stock_block(positions, normed, residual)
         if torch.compiler.is_compiling():  # data-dependent shapes: opaque to the compiler
             output = torch.empty_like(normed)
@@ -101,8 +102,9 @@ class RoutedDecoderLayer(nn.Module):
         block, num_tokens = self.layer_idx, state.step.num_tokens
         qkv = self._qkv_for_key_scores(state, normed)
         keys = self._keys(qkv, num_tokens)
-        if not state.routes(block):  # nothing to decide: scores recorded for later tokens
-            state.keep_all(block, state.scores(block, normed, keys), self._num_slots())
+        if not state.routes(block):  # nothing to decide: scores recorded where later tokens read them
+            scores = state.scores(block, normed, keys) if state.records_scores or state.routes_step else None
+            state.keep_all(block, scores, self._num_slots())
             return self._stock_block_from(positions, normed, qkv, residual)
         keep = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
         keep[:num_tokens] = state.decide(block, normed, keys, positions[:num_tokens], self._num_slots())

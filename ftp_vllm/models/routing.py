@@ -40,6 +40,12 @@ class RoutingState(nn.Module):
         self.scores_keys = envs.FTP_VLLM_SCORE == "keys"
         targets = [router.targets(b) for b in range(router.num_blocks)]
         self.routed_kinds = (any(t[0] > 0 for t in targets), any(t[1] > 0 for t in targets))  # prompt, decode
+        # Where decode tokens are routed, a decode token ranks against every earlier token of its
+        # request, so every step records its tokens' scores.  Where only prompts are, a routed
+        # prompt's tokens are scored in the steps that route them, and its cached K/V and scores
+        # go only to prompts routed alike (`ftp_vllm.prefix_cache`): a step that routes nowhere
+        # (decode steps, short prompts) computes no score, as stock vLLM.
+        self.records_scores = self.routed_kinds[1]
         self.routes_step = False  # whether some block may skip a token of the current step
         self.stock_graph_step = False  # whether the current step runs the stock graph (traced)
 
@@ -69,8 +75,12 @@ class RoutingState(nn.Module):
             step.with_context(metadata, self.block_size)
 
     def end_step(self, positions: Tensor) -> None:
-        if self.step is not None:
-            self.telemetry.end_step(self.step, positions, self.stock_graph_step)
+        if self.step is None:
+            return
+        if self.stock_graph_step and not self.records_scores:  # the graph's blocks did not count themselves
+            for block in self.telemetry.routed_block_ids:
+                self.telemetry.count_keep_all(block, self.step.num_tokens)
+        self.telemetry.end_step(self.step, positions, self.stock_graph_step)
 
     def stats(self) -> dict:
         """Realised sparsity since start (`Telemetry.stats`)."""
@@ -109,11 +119,12 @@ class RoutingState(nn.Module):
             return hidden_scores(normed[:self.step.num_tokens], self.score_weight[block], self.score_bias[block])
         return self.router.block_scores(block, keys)
 
-    def keep_all(self, block: int, scores: Tensor, num_slots: int) -> None:
-        """A step in which `block` keeps every token: its tokens' scores to the cache (later
-        tokens rank against them), no decisions."""
+    def keep_all(self, block: int, scores: Tensor | None, num_slots: int) -> None:
+        """A step in which `block` keeps every token: no decisions, and where `records_scores`,
+        its tokens' scores to the cache (later tokens rank against them)."""
         num_tokens = self.step.num_tokens
-        self._store(block, scores[:num_tokens], num_slots)
+        if scores is not None:
+            self._store(block, scores[:num_tokens], num_slots)
         self.telemetry.count_keep_all(block, num_tokens)
 
     def decide(self, block: int, normed: Tensor, keys: Tensor | None, positions: Tensor, num_slots: int) -> Tensor:

@@ -32,6 +32,7 @@ class Telemetry(nn.Module):
         super().__init__()
         self.num_blocks = router.num_blocks
         self.routed_blocks = [not router.is_dense(b) for b in range(router.num_blocks)]
+        self.routed_block_ids = [b for b, routed in enumerate(self.routed_blocks) if routed]
         self.target_sparsity = checkpoint_config.get("target_sparsity")
         # prompt kept, prompt total, decode kept, decode total; per block
         self.register_buffer("counts", torch.zeros(router.num_blocks, 4, dtype=torch.int64), persistent=False)
