@@ -2,10 +2,11 @@
 
     python benchmarks/accuracy.py --json results/accuracy.json
 
-For the dense model, each router and, at each router's sparsity, ShortGPT, the
-static router with a uniform schedule and random token choice, on held-out
-text (`ftp_vllm.texts`, evaluation split; `--text PATH` for any text file,
-one document per paragraph), what a served request sees:
+For the dense model, each router and, at each router's sparsity, the static
+router on its schedule, ShortGPT, the static router with a uniform schedule and
+random token choice, on held-out text (`ftp_vllm.texts`, evaluation split;
+`--text PATH` for any text file, one document per paragraph), what a served
+request sees:
 
 - continuation: `--chunks` chunks of 224 + 32 tokens; the 224 are routed as a
   prompt, the 32 scored under the decode rule: perplexity, top-1 agreement and
@@ -29,7 +30,11 @@ or s when the router is not run; shortgpt-prompt drops the same kind of blocks
 under FTP's serving rule -- every prompt token skips them, decode tokens run
 every block -- with round(p' B) blocks, p' the router's realised prompt share
 (so prompt, decode and overall shares all match the router's: the like-for-like
-comparison of choosing tokens against choosing blocks); static-uniform applies the static router at
+comparison of choosing tokens against choosing blocks); static applies the
+static router (keep the most recent tokens) on the router's own per-block
+prompt schedule, prompts shorter than its `min_prompt` dense: what the router
+must beat, the same blocks at the same rates with tokens chosen by recency
+alone; static-uniform applies the static router at
 one rate on every block but the first and last two (kept dense: skipping there
 ruins a small model), the rate set so the mean over all blocks is s; a decode
 token is the most recent token, which the static router always keeps, so its
@@ -76,7 +81,7 @@ from ftp_vllm.model_store import DEFAULT_MODEL, resolve_model
 from ftp_vllm.reference import RoutedModel
 from ftp_vllm.texts import document_chunks, documents, file_documents
 
-METHODS = ("dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random")
+METHODS = ("dense", "ftp", "static", "shortgpt", "shortgpt-prompt", "static-uniform", "random")
 SHIPPED_ROUTERS = [f"{DEFAULT_MODEL}-s{p}" for p in (20, 22, 30, 40)]
 
 
@@ -122,6 +127,8 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
                 "declared_decode_sparsity": config.get("decode_target_sparsity")}
         if "ftp" in args.methods:
             methods.append(Method("ftp", label, router=router, info=info))
+        if "static" in args.methods:
+            methods.append(static_method(router, label, info))
         targets.append((float(router.sparsity.mean()), router.sparsity.tolist(), router.decode_sparsity.tolist(), label))
     for s in args.sparsities:
         uniform = uniform_schedule(B, s, dense_edges(B))
@@ -143,6 +150,14 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
             methods.append(Method("random", keep_rule=random_rule(prompt, decode, args.seed),
                                   info={**matched, "declared_sparsity": round(s, 4)}))
     return methods
+
+
+def static_method(router, label: str, info: dict) -> Method:
+    """The static router on `router`'s per-block prompt schedule and `min_prompt`; decode tokens
+    kept (a decode token is the most recent token)."""
+    rule = static_rule(router.sparsity.tolist(), router.min_prompt)
+    return Method("static", label, keep_rule=rule, min_prompt=router.min_prompt,
+                  info={**info, "declared_decode_sparsity": 0.0})
 
 
 def shortgpt_method(name: str, influence: list[float], sparsity: float, info: dict) -> Method:

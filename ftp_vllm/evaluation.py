@@ -43,11 +43,12 @@ class Method:
     """One configuration: `router` decides (serving rule), or `keep_rule` gives the masks
     (`baselines`), or neither (dense).  `info` goes into the results as it is."""
 
-    method: str  # dense | ftp | shortgpt | shortgpt-prompt | static-uniform | random
+    method: str  # dense | ftp | static | shortgpt | shortgpt-prompt | static-uniform | random
     router_name: str | None = None
     router: Router | None = None
     keep_rule: KeepRule | None = None
     info: dict = field(default_factory=dict)
+    min_prompt: int = 0  # a keep rule's shortest routed prompt (a router's own `min_prompt` wins)
 
     def policy(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> KeepPolicy:
         """How the reference chooses this method's tokens on a batch."""
@@ -58,12 +59,10 @@ class Method:
         return Dense()
 
     def routed_prompt(self, cu_seqlens: Tensor, prompt_lens: Tensor) -> Tensor:
-        """[T] bool: prompt tokens of the prompts this method routes (`Router.routes_prompt`;
-        a baseline routes every prompt)."""
-        prompt = is_prompt(cu_seqlens, prompt_lens)
-        if self.router is None:
-            return prompt
-        return prompt & self.router.routes_prompt(prompt_lens)[request_ids(cu_seqlens)]
+        """[T] bool: prompt tokens of the prompts this method routes: `min_prompt` tokens or
+        more (`Router.routes_prompt`)."""
+        routed = self.router.routes_prompt(prompt_lens) if self.router is not None else prompt_lens >= self.min_prompt
+        return is_prompt(cu_seqlens, prompt_lens) & routed[request_ids(cu_seqlens)]
 
 
 # ---- realised sparsity -------------------------------------------------------------

@@ -129,6 +129,16 @@ def test_shortgpt_prompt_rule_drops_blocks_for_prompt_tokens_only():
     assert torch.equal(keep[1], ~prompt) and torch.equal(keep[3], ~prompt)
 
 
+def test_static_rule_serves_prompts_below_min_prompt_dense():
+    cu, prompt_lens = torch.tensor([0, 10, 30]), torch.tensor([6, 16])  # a 6-token prompt, a 16-token one
+    keep = B.static_rule([0.0, 0.5], min_prompt=8)(cu, prompt_lens)
+    assert keep[0].all() and keep[1, :10].all()
+    assert torch.equal(keep[1, 10:], B.static_keep(cu, [0.0, 0.5], prompt_lens)[1, 10:])
+    assert not keep[1, 11:18].any()
+    method = E.Method("static", "r", keep_rule=B.static_rule([0.0, 0.5], 8), min_prompt=8)
+    assert method.routed_prompt(cu, prompt_lens).tolist() == [False] * 10 + [True] * 16 + [False] * 4
+
+
 def test_random_rule_routes_decode_tokens_deterministically():
     cu, prompt_lens = torch.tensor([0, 40, 80]), torch.tensor([30, 30])
     a = B.random_rule([0.0, 0.5], [0.0, 0.5], seed=1)(cu, prompt_lens)
@@ -169,8 +179,8 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     report = json.loads(out.read_text())
     rows = report["results"]
     assert out.with_suffix(".png").stat().st_size > 0
-    assert [r["method"] for r in rows] == ["dense", "ftp", "shortgpt", "shortgpt-prompt", "static-uniform", "random",
-                                           "shortgpt", "shortgpt-prompt", "static-uniform", "random"]
+    assert [r["method"] for r in rows] == ["dense", "ftp", "static", "shortgpt", "shortgpt-prompt", "static-uniform",
+                                           "random", "shortgpt", "shortgpt-prompt", "static-uniform", "random"]
     for r in rows:
         for key in ("method", "router", "sparsity", "ppl", "ppl_ratio", "top1_agreement", "kl", "cloze_acc",
                     "cloze_retention", "sparsity_prompt", "sparsity_decode", "full_seq_ppl", "cloze_ci95",
@@ -186,10 +196,13 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     assert dense["kl"] == pytest.approx(0.0, abs=1e-6) and dense["cloze_retention_ci95_paired"] == [1.0, 1.0]
     assert ftp["router"] == "tiny-s20" and ftp["sparsity_prompt"] > 0 and "sparsity_within_1pt" in ftp
     assert ftp["sparsity_prompt_routed"] >= ftp["sparsity_prompt"]  # dense short prompts only dilute the share
-    assert rows[2]["dropped_blocks"] and rows[2]["sparsity"] == pytest.approx(len(rows[2]["dropped_blocks"]) / 4)
-    prompt_only = rows[3]  # the same kind of blocks, skipped by prompt tokens only, matched on the prompt share
+    static = rows[2]  # the static rule on the router's schedule: its declared prompt share, decode dense
+    assert static["router"] == "tiny-s20" and static["sparsity_decode"] == 0.0
+    assert static["sparsity_prompt_continuation"] == pytest.approx(static["declared_sparsity"], abs=0.02)
+    assert rows[3]["dropped_blocks"] and rows[3]["sparsity"] == pytest.approx(len(rows[3]["dropped_blocks"]) / 4)
+    prompt_only = rows[4]  # the same kind of blocks, skipped by prompt tokens only, matched on the prompt share
     assert prompt_only["sparsity_decode"] == 0.0 and prompt_only["dropped_blocks"]
     assert prompt_only["sparsity_prompt"] == pytest.approx(len(prompt_only["dropped_blocks"]) / 4)
     assert prompt_only["matched_sparsity"] == pytest.approx(ftp["sparsity_prompt"], abs=1e-4)
-    assert rows[4]["sparsity_decode"] == 0.0  # the static router keeps the most recent token
+    assert rows[5]["sparsity_decode"] == 0.0  # the static router keeps the most recent token
     assert "python benchmarks/accuracy.py" in report["setup"]["command"]
