@@ -18,19 +18,21 @@ thresholds calibrated on calibration text and decisions served on other text.
 import torch
 
 from ftp_vllm.baselines import static_keep
-from ftp_vllm.evaluation import ContinuationBatch
+from ftp_vllm.evaluation import ContinuationBatch, continuation_logprobs, kl_and_nll
 from ftp_vllm.reference import (
-    GivenMasks, RoutedModel, Served, calibrate_router_inputs, calibrate_router_thresholds,
+    GivenMasks, RoutedModel, Served, calibrate_router_inputs, calibrate_router_thresholds, is_prompt,
 )
 from ftp_vllm.train import fit_guide, train_router
 
 MARKERS = torch.arange(10, 20)
 SCHEDULE = [0.0, 0.5, 0.5, 0.0]
+ROUTED = [b for b, s in enumerate(SCHEDULE) if s > 0]
 PROMPT, CONTINUATION = 48, 8
 
 
 @torch.no_grad()
 def marker_model(folder) -> RoutedModel:
+    """The tiny Llama in which only marker tokens matter (see the module's docstring)."""
     model = RoutedModel.from_pretrained(folder)
     g = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(model.hf.config.hidden_size, 2, generator=g))
@@ -54,14 +56,14 @@ def marked_text(chunks: int, seed: int, markers: int = 6) -> ContinuationBatch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, 1000, (chunks, PROMPT + CONTINUATION), generator=g)
     for row in ids:
-        row[torch.randperm(PROMPT - 2, generator=g)[:markers] + 1] = MARKERS[torch.randint(0, 10, (markers,), generator=g)]
+        places = torch.randperm(PROMPT - 2, generator=g)[:markers] + 1
+        row[places] = MARKERS[torch.randint(0, len(MARKERS), (markers,), generator=g)]
     return ContinuationBatch.of(ids, PROMPT)
 
 
 def markers_kept(keep: torch.Tensor, text: ContinuationBatch) -> float:
     """Share of marker tokens the routed blocks keep."""
-    routed = [b for b, s in enumerate(SCHEDULE) if s > 0]
-    return keep[routed][:, torch.isin(text.input_ids, MARKERS)].float().mean().item()
+    return keep[ROUTED][:, torch.isin(text.input_ids, MARKERS)].float().mean().item()
 
 
 @torch.no_grad()
@@ -69,15 +71,13 @@ def served(model, router, calib: ContinuationBatch, text: ContinuationBatch):
     """Marker share kept and prompt sparsity realised on `text` at thresholds calibrated on `calib`."""
     calibrate_router_thresholds(model, router, calib.input_ids, calib.cu_seqlens, calib.prompt_lens)
     keep = model(text.input_ids, text.cu_seqlens, text.prompt_lens, keep=Served(router)).keep
-    prompt = torch.arange(len(text.input_ids)) % (PROMPT + CONTINUATION) < PROMPT
-    return markers_kept(keep, text), 1 - keep[1:3][:, prompt].float().mean().item()
+    prompt = is_prompt(text.cu_seqlens, text.prompt_lens)
+    return markers_kept(keep, text), 1 - keep[ROUTED][:, prompt].float().mean().item()
 
 
 def continuation_kl(model, text: ContinuationBatch, keep) -> float:
-    with torch.no_grad():
-        dense = model(text.input_ids, text.cu_seqlens, text.prompt_lens, logits_at=text.scored).logits.log_softmax(-1)
-        pruned = model(text.input_ids, text.cu_seqlens, text.prompt_lens, keep=keep, logits_at=text.scored).logits
-    return (dense.exp() * (dense - pruned.log_softmax(-1))).sum(-1).mean().item()
+    dense = continuation_logprobs(model, text)
+    return kl_and_nll(continuation_logprobs(model, text, keep), dense, text.targets)[0]
 
 
 def test_training_learns_the_tokens_that_matter_where_the_static_rule_is_wrong(tiny_llama):
@@ -98,5 +98,6 @@ def test_training_learns_the_tokens_that_matter_where_the_static_rule_is_wrong(t
     trained_share, sparsity = served(model, router, calib, held_out)
     assert trained_share > 0.9 and trained_share > static_share + 0.25, (static_share, warm_share, trained_share)
     assert abs(sparsity - 0.5) < 0.05, sparsity  # the same rate: the router chose other tokens, not fewer
-    trained_kl, static_kl = continuation_kl(model, held_out, Served(router)), continuation_kl(model, held_out, GivenMasks(static))
+    trained_kl = continuation_kl(model, held_out, Served(router))
+    static_kl = continuation_kl(model, held_out, GivenMasks(static))
     assert trained_kl < 0.75 * static_kl, (trained_kl, static_kl)

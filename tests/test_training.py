@@ -118,7 +118,8 @@ def test_masked_hinge_counts_only_the_tokens_the_router_decides():
     than min_prompt), which the hinge over every token was not."""
     router = Router(2, 1, 4, min_prompt=8)
     router.set_schedule([0.0, 0.5], [0.0, 0.0])
-    cu, prompt_lens = torch.tensor([0, 16, 22]), torch.tensor([10, 6])  # 10-token prompt + 6 continuation; 6-token prompt
+    # a 10-token prompt and a 6-token continuation; a 6-token prompt
+    cu, prompt_lens = torch.tensor([0, 16, 22]), torch.tensor([10, 6])
     keep = torch.ones(2, 22)
     keep[1, 2:7] = 0.0  # half of the routed prompt's 10 tokens skipped; everything else kept
     decided = decided_tokens(router, cu, prompt_lens)
@@ -185,5 +186,6 @@ def test_held_back_losses_are_on_the_same_batch_before_and_after(tiny_llama_ref)
     assert still.held_back["before"] == still.held_back["after"]  # nothing learnt: the same figures, so the same batch
     assert set(still.held_back["before"]) == {"guide", "sparsity", "distill"}
     moved = train_router(tiny_llama_ref, router, [packed_batch([24, 24], seed=5)], steps=3, lr=0.1, held_back=held_back)
-    assert moved.held_back["before"] == still.held_back["after"] and moved.held_back["after"] != moved.held_back["before"]
+    assert moved.held_back["before"] == still.held_back["after"]
+    assert moved.held_back["after"] != moved.held_back["before"]
     assert train_router(tiny_llama_ref, router, [(ids, cu)], steps=1).held_back == {}
