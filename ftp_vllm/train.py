@@ -31,8 +31,15 @@ Batch = tuple[Tensor, ...]  # (input_ids, cu_seqlens[, distill_at[, prompt_lens]
 
 @dataclass
 class TrainingRun:
+    """What `train_router` reports."""
+
     history: list[dict[str, float]]  # per step: the total and each loss, at that step's weights
     held_back: dict[str, dict[str, float]] = field(default_factory=dict)  # "before"/"after": losses on one batch
+
+
+def padded(batch: Batch) -> Batch:
+    """(input_ids, cu_seqlens, distill_at, prompt_lens), None where the batch leaves them out."""
+    return (*batch, None, None)[:4]
 
 
 def decided_tokens(router: Router, cu_seqlens: Tensor, prompt_lens: Tensor | None = None) -> Decided:
@@ -98,11 +105,11 @@ def train_router(
     from tqdm.auto import tqdm
 
     optimiser = torch.optim.AdamW(router.mlp.parameters(), lr=lr)
-    batches = [(*b, None, None)[:4] for b in batches]
+    batches = [padded(b) for b in batches]
     dense_cache: dict[int, Tensor] = {}
     final_gate = TrainingGate(router, annealed(temperature, max(steps - 1, 0), steps), calibrated)
     if held_back is not None:
-        held_back = (*held_back, None, None)[:4]
+        held_back = padded(held_back)
         held_dense = dense_logits(model, held_back)
         before = loss_parts(model, router, held_back, held_dense, final_gate)
     history = []
