@@ -35,7 +35,8 @@ def _calibrate_short_prompts(args) -> None:
 
     from .pipeline import add_short_thresholds
 
-    folder, config = add_short_thresholds(args.router, args.out, command="ftp-vllm " + shlex.join(args.argv))
+    folder, config = add_short_thresholds(args.router, args.out, command="ftp-vllm " + shlex.join(args.argv),
+                                          min_prompt=args.min_prompt)
     report = config["realised_sparsity"]["short_prompts"]
     print(f"router checkpoint: {folder}")
     print(f"target prompt sparsity {config['target_sparsity']}; realised on held-out prompts of")
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give a router checkpoint thresholds of its own for prompts shorter than its training context")
     p.add_argument("router", help="router checkpoint folder or shipped name")
     p.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    p.add_argument("--min-prompt", type=int,
+                   help="route prompts from this many tokens on (default: the checkpoint's min_prompt)")
     p.set_defaults(func=_calibrate_short_prompts)
 
     p = sub.add_parser("rescale", help="a router at another sparsity from a trained one: its schedule scaled, "

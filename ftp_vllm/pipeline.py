@@ -402,15 +402,17 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     return target, load_checkpoint(target)[1]
 
 
-def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "") -> tuple[Path, dict]:
-    """Give a checkpoint made without them short-prompt thresholds, calibrated on the calibration
-    chunks its training used (the router's MLP, schedule and other thresholds are unchanged)."""
+def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "",
+                         min_prompt: int | None = None) -> tuple[Path, dict]:
+    """Give a checkpoint short-prompt thresholds, calibrated on the calibration chunks its
+    training used (the router's MLP, schedule and other thresholds are unchanged); with
+    `min_prompt`, it routes prompts from that length on, with thresholds down to it."""
     from .checkpoint import resolve_router
 
     old, config = load_checkpoint(folder)
     settings, model, _, calib_text, eval_text = _training_text(folder, config, "short-prompt thresholds")
-    router = model.new_router(min_prompt=old.min_prompt,
-                              short_lengths=short_prompt_lengths(old.min_prompt, settings.context),
+    min_prompt = old.min_prompt if min_prompt is None else min_prompt
+    router = model.new_router(min_prompt=min_prompt, short_lengths=short_prompt_lengths(min_prompt, settings.context),
                               threshold_length=settings.context)
     state = old.state_dict()
     state["threshold_short"] = router.threshold_short

@@ -61,6 +61,12 @@ def test_calibrate_short_prompts_cli_upgrades_an_older_checkpoint(tiny_llama, tm
     torch.testing.assert_close(new.threshold_short, trained.threshold_short)  # the same calibration as training's
     assert torch.equal(new.threshold_prompt, trained.threshold_prompt)
     assert config["training"]["short_thresholds_command"].startswith("ftp-vllm calibrate-short-prompts")
+    # routing prompts from another length on: thresholds calibrated down to it
+    assert main(["calibrate-short-prompts", str(tmp_path / "new"), "--min-prompt", "12", "--out",
+                 str(tmp_path / "from12")]) == 0
+    from12, _ = load_checkpoint(tmp_path / "from12")
+    assert from12.min_prompt == 12 and from12.short_lengths[0] == 12 and from12.short_lengths[-1] < 24
+    assert torch.equal(from12.threshold_prompt, trained.threshold_prompt)
     # a checkpoint that does not record its training settings: a clear error, nothing written
     save_changed_router(old, {k: v for k, v in config.items() if k != "training"}, tmp_path / "untrained")
     assert main(["calibrate-short-prompts", str(tmp_path / "untrained"), "--out", str(tmp_path / "none")]) == 2
