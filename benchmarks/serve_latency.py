@@ -34,18 +34,6 @@ from loadgen import mixed_requests, run_load, summarise  # noqa: E402
 METRICS = ("ttft_s", "tpot_s", "itl_s", "latency_s")
 
 
-def shared_memory_args(serve_args: list[str], servers: int) -> list[str]:
-    """Equal memory for servers alive at once: a KV cache each (CPU), or a share of the GPU."""
-    from ftp_vllm.hardware import GiB, has_gpu, kv_cache_bytes
-    from ftp_vllm.server_process import has_flag
-
-    if has_flag(serve_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-        return []
-    if has_gpu():
-        return ["--gpu-memory-utilization", f"{0.9 / servers:.2f}"]
-    return ["--kv-cache-memory-bytes", str(max(kv_cache_bytes() // servers, GiB))]
-
-
 def summary_rows(runs: list[dict]) -> list[dict]:
     """Per server and rate: medians over rounds of each percentile, and the median over rounds
     of each p50's ratio to the stock server's p50 in the same round."""
@@ -101,7 +89,7 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
-    from ftp_vllm.server_process import vllm_server
+    from ftp_vllm.server_process import shared_memory_args, vllm_server
 
     configs = [("dense", None, [])] + [("ftp", r, ["--ftp-router", r]) for r in args.routers]
     mode = "eager" if "--enforce-eager" in serve_args else "compiled"

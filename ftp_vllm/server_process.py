@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftp_vllm.hardware import bind_cpu_threads, has_gpu, kv_cache_bytes, native_bf16
+from ftp_vllm.hardware import GiB, bind_cpu_threads, has_gpu, kv_cache_bytes, native_bf16
 
 
 def has_flag(args: list[str], *flags: str) -> bool:
@@ -37,11 +37,25 @@ def cpu_serve_args(args: list[str]) -> list[str]:
     return extra
 
 
+def shared_memory_args(args: list[str], servers: int) -> list[str]:
+    """Equal memory for `servers` servers alive at once, unless `args` choose: a KV cache each
+    (CPU), or a share of the GPU."""
+    if has_flag(args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+        return []
+    if has_gpu():
+        return ["--gpu-memory-utilization", f"{0.9 / servers:.2f}"]
+    return ["--kv-cache-memory-bytes", str(max(kv_cache_bytes() // servers, GiB))]
+
+
+def vllm_executable() -> str:
+    """The `vllm` command of this Python's environment (else whichever is on PATH)."""
+    return shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
+
+
 def serve_command(args: list[str], host: str, port: int) -> list[str]:
     """`vllm serve ARGS --host HOST --port PORT` as a user would type it, with the CPU defaults
     (`cpu_serve_args`) for whatever `args` leave open."""
-    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
-    return [vllm, "serve", *args, *cpu_serve_args(args), "--host", host, "--port", str(port)]
+    return [vllm_executable(), "serve", *args, *cpu_serve_args(args), "--host", host, "--port", str(port)]
 
 
 def serve_env(env: dict | None = None) -> dict:
