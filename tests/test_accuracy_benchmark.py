@@ -1,4 +1,3 @@
-import importlib.util
 import json
 
 import pytest
@@ -9,7 +8,7 @@ from ftp_vllm import baselines as B
 from ftp_vllm import evaluation as E
 from ftp_vllm.reference import is_prompt
 from ftp_vllm.router import Router
-from tests.conftest import ROOT, calibrated_router
+from tests.conftest import calibrated_router, load_benchmark
 
 PROSE = [
     "Rivers carry water from hills to the sea. Their banks hold towns and farms. Floods bring soil that feeds "
@@ -23,13 +22,6 @@ PROSE = [
     "Bees gather nectar from flowers. They turn it into honey inside the hive. A queen lays the eggs. "
     "Workers guard the entrance from wasps.",
 ]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +163,7 @@ def test_benchmark_on_a_text_file(tiny_llama, tiny_router_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(PROSE) + "\n")
     out = tmp_path / "acc.json"
-    bench = load_benchmark()
+    bench = load_benchmark("accuracy")
     bench.main(["--model", tiny_llama, "--routers", str(tiny_router_dir), "--sparsities", "0.25", "--text", str(text),
                 "--items", "10", "--chunks", "2", "--context", "24", "--continuation", "8", "--cloze-context", "16",
                 "--cloze-candidate", "6", "--calib-chunks", "1", "--batch-items", "4", "--batch-chunks", "1",

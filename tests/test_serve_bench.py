@@ -3,23 +3,17 @@ prompts each gets (its own, of the workload's lengths, in the chat template wher
 says), datasets and commands that `vllm bench serve` itself accepts, and the summary it makes
 of `vllm bench serve` results."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sb():
-    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_bench")
 
 
 @pytest.fixture(scope="module")
