@@ -9,7 +9,8 @@ so any one can be rerun alone; `--steps` picks some):
               (run as `python -m ftp_vllm.cli`, so that no activated venv is needed)
   throughput  benchmarks/throughput.py: stock vs FTP vs ShortGPT, bfloat16, eager
               and vLLM's default compiled mode (torch.compile and CUDA graphs)
-  latency     benchmarks/serve_latency.py: `vllm serve M` vs `vllm serve M --ftp-router OUT/router`
+  serving     benchmarks/serve_bench.py: `vllm serve M` vs `vllm serve M --ftp-router OUT/router`,
+              measured by `vllm bench serve`
   accuracy    benchmarks/accuracy.py: retention of the router and the baselines
 
 The model is a local folder in Hugging Face layout (config.json, safetensors,
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STEPS = ("train", "throughput", "latency", "accuracy")
+STEPS = ("train", "throughput", "serving", "accuracy")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,8 +42,8 @@ def commands(args) -> dict[str, list[str]]:
         "throughput": [py, str(ROOT / "benchmarks" / "throughput.py"), "--model", model, "--routers", router,
                        "--methods", "dense", "ftp-keep-all", "ftp", "shortgpt", "--modes", "eager", "compiled",
                        "--dtype", "bfloat16", "--json", str(out / "throughput.json")],
-        "latency": [py, str(ROOT / "benchmarks" / "serve_latency.py"), "--model", model, "--routers", router,
-                    "--rates", "2", "8", "32", "--requests", "256", "--json", str(out / "serve_latency.json")],
+        "serving": [py, str(ROOT / "benchmarks" / "serve_bench.py"), "--model", model, "--router", router,
+                    "--capacity", "--json", str(out / "serve_bench.json")],
         "accuracy": [py, str(ROOT / "benchmarks" / "accuracy.py"), "--model", model, "--routers", router,
                      "--json", str(out / "accuracy.json")],
     }

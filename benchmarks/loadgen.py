@@ -1,5 +1,4 @@
-"""Streaming load for an OpenAI-compatible server: what `serve_load.py` and
-`serve_latency.py` send and measure.
+"""Streaming load for an OpenAI-compatible server: what `serve_load.py` sends and checks.
 
 Each request streams a completion with `ignore_eos`, so its length is known in
 advance: a response is complete when every one of its `max_tokens` tokens
