@@ -20,11 +20,13 @@ def register() -> None:
     imported when vLLM builds a model."""
     from vllm import ModelRegistry
 
+    from .ladder import install_level_check
     from .prefix_cache import install_cache_salt
     from .vllm_args import install_cli_hooks
 
     install_cli_hooks()
     install_cache_salt()
+    install_level_check()
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:

@@ -10,6 +10,11 @@ ftp_config.json     what the router is for and how it was made: schema version,
                     Schedules and thresholds are repeated there for people
                     (non-finite numbers written as the strings "inf"/"-inf").
 
+A ladder checkpoint (schema 3, `save_ladder`) holds several operating points of
+one router (`ftp_vllm.ladder`): the shared tensors once, each per-level tensor
+with the levels stacked first, and in its config a `ladder` record of the levels,
+the default one and each rung's targets, realised sparsity and quality.
+
 A router only makes sense on the weights it was trained on, so the config
 carries a fingerprint of the base model (`fingerprint`) that a server checks
 at start-up (`check_compatible`) by reading a few kilobytes of the model files.
@@ -29,6 +34,9 @@ from . import BASE_ARCHITECTURES
 from .router import HIDDEN, MIN_ROUTED_PROMPT, Router
 
 SCHEMA_VERSION = 2
+LADDER_SCHEMA_VERSION = 3  # a ladder of operating points (`save_ladder`)
+LEVEL_TENSORS = ("sparsity", "decode_sparsity", "threshold_prompt", "threshold_decode", "threshold_short")
+RUNG_FIELDS = ("target_sparsity", "decode_target_sparsity", "realised_sparsity", "quality")
 ROUTER_FILE = "router.safetensors"
 CONFIG_FILE = "ftp_config.json"
 SHIPPED = Path(__file__).parent / "routers"
@@ -175,12 +183,106 @@ def resolve_router(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
-    """(Router, config) from a checkpoint folder or shipped router name, fully validated."""
+def load_checkpoint(name_or_path: str | Path, level: float | None = None) -> tuple[Router, dict]:
+    """(Router, config) from a checkpoint folder or shipped name, fully validated.  Of a ladder
+    (`load_ladder`), the rung at `level` (default: the ladder's default), with its config."""
+    folder = resolve_router(name_or_path)
+    config, state = _read(folder)
+    if "ladder" not in config:
+        if level is not None:
+            raise CheckpointError(f"{folder}: not a ladder checkpoint; it has one level, {config.get('target_sparsity')}")
+        return _router(folder, config, state), config
+    ladder, config = load_ladder(folder)
+    rung = ladder.rung_index(None if level is None else _checked(ladder, level, folder))
+    if rung == 0:
+        raise CheckpointError(f"{folder}: level {level} is the dense model, no router")
+    info = config["ladder"]["rungs"][rung - 1]
+    return ladder.rungs[rung], {**config, **{k: v for k, v in info.items() if k != "level"}}
+
+
+def load_ladder(name_or_path: str | Path):
+    """(Ladder, config) from a checkpoint folder or shipped name: a ladder checkpoint's rungs, or
+    a single-level checkpoint as the ladder of the dense model and its router."""
+    from .ladder import Ladder
+
+    folder = resolve_router(name_or_path)
+    config, state = _read(folder)
+    if "ladder" not in config:
+        router = _router(folder, config, state)
+        return Ladder([router], [float(config.get("target_sparsity") or router.sparsity.mean())]), config
+    try:
+        levels, default = [float(x) for x in config["ladder"]["levels"]], float(config["ladder"]["default"])
+        if len(config["ladder"]["rungs"]) != len(levels):
+            raise ValueError(f"{len(config['ladder']['rungs'])} rung records for {len(levels)} levels")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad ladder record ({e!r})") from None
+    stacked = {k: v for k, v in state.items() if k in LEVEL_TENSORS}
+    wrong = [f"{k}: {list(v.shape)}, expected {len(levels)} levels first" for k, v in stacked.items()
+             if v.dim() == 0 or len(v) != len(levels)]
+    if wrong:
+        raise CheckpointError(f"{folder / ROUTER_FILE}: wrong tensors ({'; '.join(wrong)})")
+    rungs = [_router(folder, config, {**state, **{k: v[i] for k, v in stacked.items()}}) for i in range(len(levels))]
+    try:
+        return Ladder(rungs, levels, default), config
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+
+
+def _checked(ladder, level, folder) -> float:
+    try:
+        return ladder.check_level(level)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+
+
+def save_ladder(folder: str | Path, rungs: list[tuple[Router, dict]], default: float, command: str = "") -> Path:
+    """Write routers that share one MLP, mean queries and feature statistics (rungs of a ladder,
+    each with its checkpoint config, e.g. made by `ftp-vllm rescale` from one router) as one
+    ladder checkpoint: the shared tensors once, the per-level ones (`LEVEL_TENSORS`) stacked by
+    level.  The config's top level describes the `default` rung, as a single-level config would."""
+    from safetensors.torch import save_file
+
+    rungs = sorted(rungs, key=lambda rc: rc[1]["target_sparsity"])
+    levels = [float(c["target_sparsity"]) for _, c in rungs]
+    first, first_config = rungs[0]
+    for router, config in rungs[1:]:
+        shared = [k for k, v in router.state_dict().items()
+                  if k not in LEVEL_TENSORS and not torch.equal(v, first.state_dict()[k])]
+        if shared or router_shape(router) != router_shape(first) or config["base_model"] != first_config["base_model"]:
+            raise CheckpointError(f"rungs at {levels[0]} and {config['target_sparsity']} differ in "
+                                  f"{', '.join(shared) or 'shape or base model'}: a ladder's rungs share one router")
+    if default not in levels or len(set(levels)) != len(levels):
+        raise CheckpointError(f"default level {default} must be one of the rungs' distinct levels {levels}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in first.state_dict().items() if k not in LEVEL_TENSORS}
+    for k in LEVEL_TENSORS:
+        state[k] = torch.stack([r.state_dict()[k].detach().cpu() for r, _ in rungs]).contiguous()
+    save_file(state, str(folder / ROUTER_FILE), metadata={"format": "pt"})
+    rung_records = [{"level": level, **{k: c[k] for k in RUNG_FIELDS if k in c}, "made_by": _made_by(c),
+                     "schedule": c.get("schedule")} for level, (_, c) in zip(levels, rungs)]
+    top = rungs[levels.index(default)][1]
+    full = {
+        "schema_version": LADDER_SCHEMA_VERSION,
+        "base_model": first_config["base_model"],
+        **{k: top[k] for k in RUNG_FIELDS if k in top},
+        "ladder": {"levels": levels, "default": default, "command": command, "rungs": rung_records},
+        "router": router_shape(first),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(_json_safe(full), indent=2, allow_nan=False) + "\n")
+    return folder
+
+
+def _made_by(config: dict) -> str:
+    training = config.get("training", {})
+    return training.get("rescaled", {}).get("command") or training.get("command", "")
+
+
+def _read(folder: Path) -> tuple[dict, dict]:
+    """(config, tensors) of a checkpoint folder, the config's schema checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = resolve_router(name_or_path)
     for f in (CONFIG_FILE, ROUTER_FILE):
         if not (folder / f).is_file():
             raise CheckpointError(f"{folder}: missing {f}")
@@ -188,9 +290,20 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("schema_version") != SCHEMA_VERSION:
-        found = config.get("schema_version") if isinstance(config, dict) else None
-        raise CheckpointError(f"{folder / CONFIG_FILE}: schema version {found!r}, this ftp_vllm reads {SCHEMA_VERSION}")
+    found = config.get("schema_version") if isinstance(config, dict) else None
+    ladder = isinstance(config, dict) and "ladder" in config
+    if found != (LADDER_SCHEMA_VERSION if ladder else SCHEMA_VERSION):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: schema version {found!r}, this ftp_vllm reads "
+                              f"{SCHEMA_VERSION} (one level) and {LADDER_SCHEMA_VERSION} (a ladder)")
+    try:
+        state = load_file(str(folder / ROUTER_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / ROUTER_FILE}: unreadable ({e})") from None
+    return config, state
+
+
+def _router(folder: Path, config: dict, state: dict) -> Router:
+    """A Router from a checkpoint's config and one level's tensors, validated."""
     try:
         shape = config["router"]
         router = Router(shape["num_blocks"], shape["num_kv_heads"], shape["head_dim"], shape.get("hidden", HIDDEN),
@@ -203,10 +316,7 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
     if shape["num_blocks"] != base_layers:
         raise CheckpointError(f"{folder / CONFIG_FILE}: router has {shape['num_blocks']} blocks, its base model {base_layers} layers")
-    try:
-        state = load_file(str(folder / ROUTER_FILE))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / ROUTER_FILE}: unreadable ({e})") from None
+    state = dict(state)
     if not router.short_lengths:  # written before short-prompt thresholds existed
         state.setdefault("threshold_short", router.threshold_short)
     expected = router.state_dict()
@@ -220,4 +330,4 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[Router, dict]:
     if bad:
         raise CheckpointError(f"{folder / ROUTER_FILE}: non-finite values in {', '.join(bad)}")
     router.load_state_dict(state)
-    return router, config
+    return router

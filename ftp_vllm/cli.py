@@ -55,6 +55,21 @@ def _rescale(args) -> None:
     print(format_summary(folder, config))
 
 
+def _ladder(args) -> None:
+    import shlex
+
+    from .pipeline import build_ladder
+
+    folder, config = build_ladder(args.router, args.levels, args.out, args.default,
+                                  command="ftp-vllm " + shlex.join(args.argv), progress=args.progress)
+    print(f"ladder checkpoint: {folder}; requests that name no level get {config['ladder']['default']:g}")
+    print("  level 0: the dense model")
+    for rung in config["ladder"]["rungs"]:
+        held_out = rung["realised_sparsity"]["evaluation_text (held out)"]["prompt"]["mean"]
+        ppl = rung["quality"]["routed, decode dense"]["ppl_ratio_to_dense"]
+        print(f"  level {rung['level']:g}: held-out prompt sparsity {held_out}, ppl ratio to dense {ppl}")
+
+
 def _add_train_parser(sub) -> None:
     from .pipeline import TrainSettings
 
@@ -124,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the scaled schedule further with the router for this many generations (0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_rescale)
+
+    p = sub.add_parser("ladder", help="one checkpoint serving a router at several levels, chosen per request: "
+                                      "its own level, and the others rescaled from it")
+    p.add_argument("router", help="router checkpoint folder or shipped name")
+    p.add_argument("--levels", type=float, nargs="+", required=True,
+                   help="levels (overall prompt sparsity) of the rungs, e.g. 0.1 0.2 0.3 0.4; 0, dense, is always one")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--default", type=float,
+                   help="level of requests that name none (default: the router's own, if a rung, else the highest)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_ladder)
     return parser
 
 

@@ -22,6 +22,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "FTP_VLLM_HOME": lambda: Path(os.environ.get("FTP_VLLM_HOME", Path.home() / ".cache" / "ftp-vllm")),
     # Router checkpoint a server was started with; set by `--ftp-router` for `/ftp/router`.
     "FTP_VLLM_ROUTER": lambda: _optional("FTP_VLLM_ROUTER"),
+    # Level (prompt sparsity) a server serves requests that name none at; set by `--ftp-sparsity`.
+    "FTP_VLLM_SPARSITY": lambda: float(os.environ["FTP_VLLM_SPARSITY"]) if os.environ.get("FTP_VLLM_SPARSITY") else None,
     # "simple": routed blocks run attention for every token, then gather kept ones (default "fast").
     "FTP_VLLM_PATH": lambda: os.environ.get("FTP_VLLM_PATH", "fast"),
     # "keys": score tokens from their keys, as for quantized weights, not from folded hidden states.

@@ -402,6 +402,37 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     return target, load_checkpoint(target)[1]
 
 
+def build_ladder(folder: str | Path, levels: list[float], out: str | Path, default: float | None = None,
+                 command: str = "", progress: bool = True) -> tuple[Path, dict]:
+    """A ladder checkpoint (`ftp_vllm.ladder`) of one trained router at several levels: its own
+    level as it is, each other one rescaled from it (`rescale_router`, without a search), all
+    sharing its MLP.  Requests that name no level get `default` (the router's own level where
+    it is a rung, else the highest)."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_ladder, save_ladder
+
+    source = load_checkpoint(folder)
+    own = source[1]["target_sparsity"]
+    levels = sorted({level for level in levels if level != 0})  # the dense rung is always there
+    if not levels:
+        raise CheckpointError("a ladder needs at least one level above 0")
+    rungs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in tqdm(levels, desc="ladder rungs", disable=not progress):
+            if abs(level - own) < 1e-9:
+                rungs.append(source)
+                continue
+            made, _ = rescale_router(folder, level, Path(tmp) / f"{level:g}", command=command, progress=progress)
+            rungs.append(load_checkpoint(made))
+    if default is None:
+        default = own if any(abs(level - own) < 1e-9 for level in levels) else levels[-1]
+    target = save_ladder(out, rungs, default, command)
+    return target, load_ladder(target)[1]
+
+
 def add_short_thresholds(folder: str | Path, out: str | Path | None = None, command: str = "",
                          min_prompt: int | None = None) -> tuple[Path, dict]:
     """Give a checkpoint short-prompt thresholds, calibrated on the calibration chunks its

@@ -318,10 +318,12 @@ class Router(nn.Module):
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
         layout: RankLayout | None = None,
+        sparsity: Tensor | None = None,
     ) -> Tensor:
-        """Raw features [T, 4] of the step tokens at `block`; `prompt_lens` is per token."""
+        """Raw features [T, 4] of the step tokens at `block`; `prompt_lens` is per token, and so is
+        `sparsity` where given (tokens of several operating points, `ftp_vllm.ladder`)."""
         rank = causal_rank(scores, cu_seqlens, past_scores, past_cu_seqlens, layout)
-        return router_features(scores, rank, positions, prompt_lens, self.sparsity[block])
+        return router_features(scores, rank, positions, prompt_lens, self.sparsity[block] if sparsity is None else sparsity)
 
     def block_logits(
         self,
@@ -333,10 +335,11 @@ class Router(nn.Module):
         past_scores: Tensor | None = None,
         past_cu_seqlens: Tensor | None = None,
         layout: RankLayout | None = None,
+        sparsity: Tensor | None = None,
     ) -> Tensor:
         """Router logits [T] of the step tokens at `block`, given their scores (and the past's)."""
         raw = self.block_features(block, scores, positions, prompt_lens, cu_seqlens, past_scores, past_cu_seqlens,
-                                  layout)
+                                  layout, sparsity)
         return self.mlp((raw - self.feature_mean[block]) / self.feature_std[block])
 
     def always_keep(self, positions: Tensor, prompt_lens: Tensor) -> Tensor:

@@ -26,20 +26,23 @@ def read_stats() -> dict:
 
 
 def router_description() -> dict:
-    from ftp_vllm.checkpoint import load_checkpoint
+    from ftp_vllm.checkpoint import load_ladder
 
     path = envs.FTP_VLLM_ROUTER
     if not path:
         return {}
-    _, config = load_checkpoint(path)
-    schedule = config.get("schedule", {})
+    ladder, config = load_ladder(path)
+    ladder.set_default(envs.FTP_VLLM_SPARSITY)
+    rung = ladder.rungs[ladder.default_rung]
     return {
         "router": Path(path).name,
         "base_model": {k: v for k, v in config.get("base_model", {}).items() if k != "path"},
-        "target_sparsity": config.get("target_sparsity"),
-        "decode_target_sparsity": config.get("decode_target_sparsity"),
-        "prompt_sparsity_per_block": schedule.get("prompt_sparsity"),
-        "decode_sparsity_per_block": schedule.get("decode_sparsity"),
+        "levels": ladder.levels,  # what a request may ask for with vllm_xargs {"ftp_sparsity": level}
+        "default_level": ladder.default,
+        "target_sparsity": ladder.default,  # of the default level, as are the schedules below
+        "decode_target_sparsity": round(float(rung.decode_sparsity.mean()), 6),
+        "prompt_sparsity_per_block": rung.sparsity.tolist(),
+        "decode_sparsity_per_block": rung.decode_sparsity.tolist(),
         "min_prompt": config.get("router", {}).get("min_prompt"),  # shorter prompts are served dense
         "short_prompt_lengths": config.get("router", {}).get("short_prompt_lengths", []),
     }
@@ -89,20 +92,35 @@ class FTPCollector:
             for row in stats.get("per_block", []):  # dense blocks keep every token
                 kept.add_metric([str(row["block"])], row[f"{kind}_kept"] if row["routed"] else stats[f"{kind}_tokens"])
             yield kept
-        target = GaugeMetricFamily("ftp_target_sparsity", "The router's declared overall target sparsity")
+        target = GaugeMetricFamily("ftp_target_sparsity", "The level requests that name none are served at")
         if stats.get("target_sparsity") is not None:
             target.add_metric([], stats["target_sparsity"])
         yield target
+        for kind in ("prompt", "decode"):  # by the level of the router's ladder each request chose
+            gauge = GaugeMetricFamily(f"ftp_level_{kind}_sparsity",
+                                      f"Share of {kind} token-block computations skipped since start, by level",
+                                      labels=["level"])
+            tokens = CounterMetricFamily(f"ftp_level_{kind}_tokens", f"{kind.capitalize()} tokens since start, by level",
+                                         labels=["level"])
+            for row in stats.get("levels", []):
+                if row[f"{kind}_sparsity"] is not None:
+                    gauge.add_metric([f"{row['level']:g}"], row[f"{kind}_sparsity"])
+                tokens.add_metric([f"{row['level']:g}"], row[f"{kind}_tokens"])
+            yield gauge
+            yield tokens
 
 
-def install_server_routes(args, router_path: str) -> None:
-    """Called with `vllm serve`'s arguments once `--ftp-router` is known to be good, before
-    the engine starts (its processes inherit the environment)."""
+def install_server_routes(args, router_path: str, level: float | None = None) -> None:
+    """Called with `vllm serve`'s arguments once `--ftp-router` (and `--ftp-sparsity`, the
+    default `level`) are known to be good, before the engine starts (its processes inherit
+    the environment)."""
     import tempfile
 
     from prometheus_client import REGISTRY
 
     os.environ["FTP_VLLM_ROUTER"] = router_path
+    if level is not None:
+        os.environ["FTP_VLLM_SPARSITY"] = str(level)
     os.environ.setdefault("FTP_VLLM_STATS", os.path.join(tempfile.mkdtemp(prefix="ftp-vllm-"), "stats.json"))
     if hasattr(args, "middleware"):
         args.middleware = [*(args.middleware or []), f"{__name__}.FTPRoutes"]

@@ -44,7 +44,7 @@ def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
     engines started one after another in one fresh process.
 
     A run is {"llm": {LLM kwargs; eager unless they say}, "prompts": [...], "max_tokens": N,
-    "one_by_one": bool, "also_together": bool, "env": {...}}; its answer is
+    "one_by_one": bool, "also_together": bool, "levels": [per prompt], "env": {...}}; its answer is
     {"architecture", "tokens", "traces", "score_writes"[, "tokens_together"]} (see
     `engine_worker`)."""
     from ftp_vllm.engine_process import EngineProcess
@@ -57,7 +57,7 @@ def run_engines(runs: list[dict], timeout: int = 1800) -> list[dict]:
             started = engine.start({"enforce_eager": True, **run["llm"]}, run.get("env"))
             outputs = engine.run(greedy_outputs, prompts=run["prompts"], max_tokens=run["max_tokens"],
                                  one_by_one=run.get("one_by_one", False),
-                                 also_together=run.get("also_together", False))
+                                 also_together=run.get("also_together", False), levels=run.get("levels"))
             engine.stop()
             results.append({"architecture": started["architecture"], **outputs})
     return results

@@ -13,9 +13,10 @@ from ftp_vllm import envs
 
 
 def greedy_outputs(llm, prompts: list, max_tokens: int, one_by_one: bool = False,
-                   also_together: bool = False) -> dict:
+                   also_together: bool = False, levels: list | None = None) -> dict:
     """{"tokens", "traces", "score_writes"[, "tokens_together"]}: greedy token ids per prompt
-    (`ignore_eos`), and for each write of router scores to the score cache, the [prompt
+    (`ignore_eos`), each at its level of the router's ladder where `levels` name them (None:
+    the default), and for each write of router scores to the score cache, the [prompt
     tokens, tokens] of its step."""
     from vllm import SamplingParams
 
@@ -30,12 +31,14 @@ def greedy_outputs(llm, prompts: list, max_tokens: int, one_by_one: bool = False
     RoutingState._store = recorded
     try:
         trace = envs.FTP_VLLM_TRACE
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        groups = [[p] for p in prompts] if one_by_one else [prompts]
+        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                 extra_args=None if level is None else {"ftp_sparsity": level})
+                  for level in (levels or [None] * len(prompts))]
+        groups = [[i] for i in range(len(prompts))] if one_by_one else [list(range(len(prompts)))]
         tokens, traces = [], []
         for group in groups:
             start = os.path.getsize(trace) if trace and os.path.exists(trace) else 0
-            outputs = llm.generate(group, params, use_tqdm=False)
+            outputs = llm.generate([prompts[i] for i in group], [params[i] for i in group], use_tqdm=False)
             tokens += [list(o.outputs[0].token_ids) for o in outputs]
             if trace:
                 with open(trace, "a+") as f:

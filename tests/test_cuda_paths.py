@@ -6,13 +6,16 @@ interfaces directly."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from vllm import SamplingParams
 
+from ftp_vllm.ladder import Ladder
 from ftp_vllm.models import routing
 from ftp_vllm.models.routing import RoutingState
-from ftp_vllm.models.step import StepPrompts, install_v1_step_source, refuse_unroutable, v2_model_state_cls
+from ftp_vllm.models.step import StepPrompts, StepRouting, install_v1_step_source, refuse_unroutable, v2_model_state_cls
 from ftp_vllm.models.telemetry import Telemetry
 from ftp_vllm.router import Router
 
@@ -29,17 +32,22 @@ def test_v1_runner_sets_prompt_lengths_for_the_real_step_only(monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     seen = []
-    monkeypatch.setattr(GPUModelRunner, "_model_forward", lambda self, *a, **k: seen.append(StepPrompts.prompt_lens))
+    monkeypatch.setattr(GPUModelRunner, "_model_forward",
+                        lambda self, *a, **k: seen.append((StepPrompts.prompt_lens, StepPrompts.rungs)))
+    monkeypatch.setattr(StepPrompts, "rung_of", Ladder([Router(2, 1, 4)], [0.3]).rung_of)
     install_v1_step_source()
     install_v1_step_source()  # idempotent: one wrap
     runner = SimpleNamespace(device=torch.device("cpu"), input_batch=SimpleNamespace(
-        num_reqs=2, num_prompt_tokens_cpu_tensor=torch.tensor([70, 5, 99], dtype=torch.int32)))
+        num_reqs=2, num_prompt_tokens_cpu_tensor=torch.tensor([70, 5, 99], dtype=torch.int32), req_ids=["a", "b", "c"]),
+        requests={r: SimpleNamespace(sampling_params=SamplingParams(extra_args=extra))
+                  for r, extra in (("a", {"ftp_sparsity": 0.0}), ("b", None), ("c", None))})
     GPUModelRunner._model_forward(runner)
     assert StepPrompts.source == "v1"
-    assert seen[0].tolist() == [70, 5] and StepPrompts.prompt_lens is None  # cleared after the step
+    assert seen[0][0].tolist() == [70, 5] and StepPrompts.prompt_lens is None  # cleared after the step
+    assert seen[0][1] == [0, 1] and StepPrompts.rungs is None  # the dense rung asked for; the default
 
 
-def test_v2_runner_takes_the_model_state_that_records_prompt_lengths():
+def test_v2_runner_takes_the_model_state_that_records_prompt_lengths(monkeypatch):
     from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
@@ -50,11 +58,16 @@ def test_v2_runner_takes_the_model_state_that_records_prompt_lengths():
     assert issubclass(cls, DefaultModelState)
     state = object.__new__(cls)  # a state without a GPU: the parts `prepare_inputs` reads
     state.rope_state, state.supports_mm_inputs, state.prompt_embeds_state = None, False, None
+    state.ftp_rungs = {0: 0}
+    monkeypatch.setattr(StepPrompts, "rung_of", Ladder([Router(2, 1, 4)], [0.3]).rung_of)
+    state.add_request(3, SimpleNamespace(sampling_params=SamplingParams()))  # the default rung
     req_states = SimpleNamespace(req_id_to_index={"a": 3, "b": 0},
                                  prompt_len=SimpleNamespace(gpu=torch.tensor([80, 0, 0, 12], dtype=torch.int32)))
-    real = SimpleNamespace(num_reqs=2, req_ids=["a", "b"], idx_mapping=torch.tensor([3, 0]))
+    real = SimpleNamespace(num_reqs=2, req_ids=["a", "b"], idx_mapping=torch.tensor([3, 0]),
+                           idx_mapping_np=np.array([3, 0]))
     state.prepare_inputs(real, req_states)
     assert StepPrompts.prompt_lens.tolist() == [12, 80]  # batch order, through the runner's index map
+    assert StepPrompts.rungs == [1, 0]
     dummy = SimpleNamespace(num_reqs=2, req_ids=["req_0_x", "req_1_y"], idx_mapping=torch.tensor([0, 1]))
     state.prepare_inputs(dummy, req_states)
     assert StepPrompts.prompt_lens is None
@@ -75,7 +88,7 @@ def routing_state(monkeypatch) -> RoutingState:
     monkeypatch.setattr(routing, "get_tensor_model_parallel_world_size", lambda: 1)
     router = Router(2, 1, 4)
     router.set_schedule([0.0, 0.3])
-    return RoutingState(router, {}, 16)
+    return RoutingState(Ladder([router], [0.15]), {}, 16)
 
 
 def forward_context(monkeypatch, metadata) -> None:
@@ -172,13 +185,14 @@ class DeviceMixing(TorchFunctionMode):
 def test_counters_stay_on_the_model_device_and_readers_never_touch_it():
     router = Router(3, 1, 4)
     router.set_schedule([0.0, 0.3, 0.3])
-    telemetry = Telemetry(router, {"target_sparsity": 0.2}).to("meta")  # a device with no data to read
-    step = SimpleNamespace(num_prompt=5, num_tokens=7)
+    telemetry = Telemetry(Ladder([router], [0.2]), {}).to("meta")  # a device with no data to read
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device="meta")
     is_prompt = torch.tensor([1, 1, 1, 1, 1, 0, 0], dtype=torch.bool, device="meta")
+    step = SimpleNamespace(num_prompt=5, num_tokens=7, is_prompt=is_prompt, rungs=None, present=[1])
+    step.rung_counts = lambda n: StepRouting.rung_counts(step, n)
     with DeviceMixing() as mode:
         telemetry.begin_step()
-        telemetry.count(1, keep, is_prompt)
+        telemetry.count(1, keep, step)
         telemetry.count_keep_all(2, 7)
         telemetry.end_step(step, torch.arange(7, device="meta"), stock_graph=False)
     assert mode.mixed == [], mode.mixed

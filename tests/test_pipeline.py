@@ -97,6 +97,17 @@ def test_rescale_cli_scales_the_schedule_and_calibrates_again(tiny_llama, tmp_pa
     assert not torch.equal(router.threshold_prompt, source.threshold_prompt)
     assert config["training"]["rescaled"]["from_target_sparsity"] == 0.3
     assert config["training"]["rescaled"]["command"].startswith("ftp-vllm rescale")
+    # a ladder: the router's own level as it is, another rescaled, one MLP
+    from ftp_vllm.checkpoint import load_ladder
+
+    assert main(["ladder", str(out), "--levels", "0", "0.2", "0.3", "--no-progress", "--out", str(tmp_path / "dial")]) == 0
+    assert "level 0.2: held-out prompt sparsity" in capsys.readouterr().out
+    ladder, config = load_ladder(tmp_path / "dial")
+    assert ladder.levels == [0.0, 0.2, 0.3] and ladder.default == 0.3
+    assert config["ladder"]["rungs"][0]["made_by"].startswith("ftp-vllm ladder")
+    for rung, want in zip(ladder.rungs[1:], (router, source)):
+        for name, value in want.state_dict().items():
+            assert torch.equal(rung.state_dict()[name], value), name
     # searched further from the scaled schedule: the mean still the target, never worse than scaled
     assert main(["rescale", str(out), "--sparsity", "0.2", "--search-generations", "2", "--no-progress",
                  "--out", str(tmp_path / "s20-searched")]) == 0

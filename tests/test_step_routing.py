@@ -8,6 +8,7 @@ import torch
 
 from ftp_vllm.models import routing
 from ftp_vllm.models.routing import RoutingState
+from ftp_vllm.ladder import Ladder
 from ftp_vllm.models.step import StepPrompts, StepRouting
 from ftp_vllm.router import Router, hidden_scores, local_index, request_ids
 
@@ -42,14 +43,14 @@ def state(monkeypatch):
     router.set_schedule([0.0, 0.3, 0.3], [0.0, 0.0, 0.2])  # block 2 routes decode tokens too
     router.threshold_prompt.fill_(0.1)
     router.threshold_decode.fill_(-0.1)
-    s = RoutingState(router, {}, BLOCK_SIZE)
+    s = RoutingState(Ladder([router], [0.2]), {}, BLOCK_SIZE)
     s.score_weight, s.score_bias = torch.randn(3, 8), torch.randn(3)
     return s
 
 
 def begin(state, requests):
     metadata, positions, num_slots = step_metadata(requests)
-    state.step = StepRouting.of(metadata, positions, state.router.routes_prompt)
+    state.step = StepRouting.of(metadata, positions, state.ladder)
     state.step.with_context(metadata, BLOCK_SIZE)
     return metadata, positions, num_slots
 
@@ -84,7 +85,7 @@ def test_blocks_decide_on_the_requests_they_route_as_on_the_whole_step(state):
         want = router.keep(block, logits, positions, step.prompt_lens)
         assert torch.equal(got, want)
         assert not want.all() and want[cu[2]:cu[3]].all()  # some skipped; the short prompt kept
-        batch = step.batches[(True, block == 2)]
+        batch = state._decision_batch(block)  # made by `decide`, once per step
         tokens = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in chosen])
         assert torch.equal(batch.tokens, tokens)
         assert torch.equal(batch.past_slots, torch.cat([past_slots[past_cu[r]:past_cu[r + 1]] for r in chosen]))
@@ -100,7 +101,7 @@ def test_realised_sparsity_counts_decisions_and_blocks_that_keep_every_token(sta
     state.keep_all(2, torch.randn(len(positions)), num_slots)
     keep = state.decide(1, normed, None, positions, num_slots)
     state.end_step(positions)
-    counts = state.telemetry.counts.tolist()
+    counts = state.telemetry.counts[1].tolist()  # the router's rung (0 is the dense one)
     num_prompt = 120
     assert counts[2] == [num_prompt, num_prompt, 1, 1]
     is_prompt = state.step.is_prompt
@@ -117,9 +118,9 @@ def test_settings_are_read_when_a_model_is_built(monkeypatch):
     router = Router(3, 1, 4)
     monkeypatch.setenv("FTP_VLLM_PATH", "simple")
     monkeypatch.setenv("FTP_VLLM_SCORE", "keys")
-    assert not RoutingState(router, {}, BLOCK_SIZE).fast
-    assert RoutingState(router, {}, BLOCK_SIZE).scores_keys
+    assert not RoutingState(Ladder([router], [0.2]), {}, BLOCK_SIZE).fast
+    assert RoutingState(Ladder([router], [0.2]), {}, BLOCK_SIZE).scores_keys
     monkeypatch.delenv("FTP_VLLM_PATH")
     monkeypatch.delenv("FTP_VLLM_SCORE")
-    state = RoutingState(router, {}, BLOCK_SIZE)
+    state = RoutingState(Ladder([router], [0.2]), {}, BLOCK_SIZE)
     assert state.fast and not state.scores_keys

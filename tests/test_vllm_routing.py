@@ -232,3 +232,38 @@ def test_compiled_mode_equals_eager(tiny_llama, tiny_router, tmp_path):
     assert all(s["stock_graph"] for s in decode_steps)
     assert not any(s["stock_graph"] for s in compiled["traces"][0] if s not in decode_steps)
     assert not any(s["stock_graph"] for s in eager["traces"][0])
+
+
+def test_each_request_is_served_at_its_level_in_a_mixed_batch(tiny_llama, tiny_router, tmp_path):
+    """The sparsity dial in vLLM's engine (float32, greedy): requests at three levels of one
+    ladder, in one batch, each equal the request served alone at its level; level 0 equals
+    stock vLLM and skips nothing; the lower routed level skips less than the higher."""
+    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, save_ladder
+
+    from ftp_vllm.reference import calibrate_router_thresholds, calibrate_short_thresholds
+
+    model, _, folder, tok = tiny_router
+    top, _ = load_checkpoint(folder)
+    low, _ = load_checkpoint(folder)  # the same router at half its targets, calibrated again
+    low.set_schedule([s / 2 for s in SCHEDULE], [s / 2 for s in DECODE_SCHEDULE])
+    chunks = [tok(t)["input_ids"][:64] for t in real_prompts(8, words=80)]
+    cu = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
+    calibrate_router_thresholds(model, low, torch.tensor(sum(chunks, [])), cu, torch.tensor([48] * len(chunks)))
+    calibrate_short_thresholds(model, low, torch.stack([torch.tensor(c[:48]) for c in chunks]))
+    level = round(sum(SCHEDULE) / len(SCHEDULE), 4)
+    rungs = [(r, {"base_model": fingerprint(tiny_llama), "target_sparsity": x}) for r, x in ((low, level / 2), (top, level))]
+    dial = str(save_ladder(tmp_path / "dial", rungs, default=level))
+    prompts = [{"prompt_token_ids": tok(t)["input_ids"][:n]} for t, n in zip(real_prompts(3, words=150), (60, 90, 120))]
+    levels = [0.0, level / 2, None]  # None: the default, the top
+    llm = {"model": tiny_llama, "dtype": "float32", "max_model_len": 512}
+    routed, stock = run_engines([
+        {"llm": {**llm, "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": dial}},
+         "prompts": prompts, "max_tokens": NEW_TOKENS, "levels": levels, "one_by_one": True, "also_together": True,
+         "env": {"FTP_VLLM_TRACE": str(tmp_path / "trace.jsonl")}},
+        {"llm": llm, "prompts": prompts[:1], "max_tokens": NEW_TOKENS},
+    ])
+    assert routed["tokens_together"] == routed["tokens"]
+    assert routed["tokens"][0] == stock["tokens"][0]
+    skipped = [sum(len(m) - sum(m) for s in trace for m in s["keep"].values()) for trace in routed["traces"]]
+    prompt_tokens = [len(p["prompt_token_ids"]) for p in prompts]
+    assert skipped[0] == 0 and 0 < skipped[1] / prompt_tokens[1] < skipped[2] / prompt_tokens[2], skipped

@@ -40,7 +40,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from ftp_vllm.kernels.backends import kept_attention
 from ftp_vllm.models.compiled import StockGraph, compile_parts, keep_routing_out_of_graphs
 from ftp_vllm.models.routing import RoutingState
-from ftp_vllm.models.step import install_step_source, refuse_unroutable, v2_model_state_cls
+from ftp_vllm.models.step import StepPrompts, install_step_source, refuse_unroutable, v2_model_state_cls
 from ftp_vllm.router import hidden_scores
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers print it
@@ -259,17 +259,20 @@ def split_qkv(attn: nn.Module) -> None:
         setattr(attn, name, part)
 
 
-def load_router(path: str, num_layers: int):
-    """The router checkpoint at `path` and its settings; under tensor parallelism, with this
-    rank's KV heads of its mean queries."""
-    from ftp_vllm.checkpoint import load_checkpoint
+def load_router(path: str, num_layers: int, level: float | None = None):
+    """The router checkpoint at `path` as a ladder of operating points (`ftp_vllm.ladder`),
+    requests naming no level served at `level` (default: the checkpoint's), and its config;
+    under tensor parallelism, with this rank's KV heads of its mean queries."""
+    from ftp_vllm.checkpoint import load_ladder
 
     default_dtype = torch.get_default_dtype()  # vLLM builds models under the serving dtype
     torch.set_default_dtype(torch.float32)
     try:
-        router, config = load_checkpoint(path)
+        ladder, config = load_ladder(path)
     finally:
         torch.set_default_dtype(default_dtype)
+    ladder.set_default(level)
+    router = ladder.router
     if router.num_blocks != num_layers:
         raise ValueError(f"router {path} has {router.num_blocks} blocks, the model {num_layers}")
     tp = get_tensor_model_parallel_world_size()
@@ -279,31 +282,34 @@ def load_router(path: str, num_layers: int):
             raise ValueError(f"FTP routing needs the {kv_heads} KV heads split evenly over {tp} ranks")
         per_rank = kv_heads // tp
         rank = get_tensor_model_parallel_rank()
-        router.mean_query = router.mean_query[:, rank * per_rank:(rank + 1) * per_rank].contiguous()
-    return router, config
+        for rung in ladder.rungs:
+            rung.mean_query = rung.mean_query[:, rank * per_rank:(rank + 1) * per_rank].contiguous()
+    return ladder, config
 
 
 def attach_routing(model: nn.Module, vllm_config) -> RoutingState | None:
     """Load the router named in the HF config (`ftp_router`, set by `--ftp-router` or
-    `hf_overrides`) and hand it to every decoder layer it routes; None leaves the model stock."""
+    `hf_overrides`; `ftp_sparsity`, the level of requests that name none) and hand it to every
+    decoder layer it routes; None leaves the model stock."""
     hf_config = vllm_config.model_config.hf_config
     path = getattr(hf_config, "ftp_router", None)
     if not path:
         return None
     refuse_unroutable(vllm_config, [layer.self_attn.attn for layer in model.model.layers
                                     if isinstance(layer, RoutedDecoderLayer)])
-    router, config = load_router(path, hf_config.num_hidden_layers)
-    state = RoutingState(router, config, vllm_config.cache_config.block_size)
+    ladder, config = load_router(path, hf_config.num_hidden_layers, getattr(hf_config, "ftp_sparsity", None))
+    state = RoutingState(ladder, config, vllm_config.cache_config.block_size)
     compilation = vllm_config.compilation_config
     compiled = compilation.mode != CompilationMode.NONE and compilation.backend != "eager"
     for layer in model.model.layers:
-        if isinstance(layer, RoutedDecoderLayer) and not router.is_dense(layer.layer_idx):
+        if isinstance(layer, RoutedDecoderLayer) and not ladder.is_dense(layer.layer_idx):
             layer.attach(state, compilation)
             if compiled:
                 compile_parts(layer, compilation.inductor_compile_config)
     keep_routing_out_of_graphs(compilation)
     install_step_source(vllm_config)
-    logger.info("FTP router %s: target sparsity %s", path, config.get("target_sparsity"))
+    StepPrompts.rung_of = ladder.rung_of
+    logger.info("FTP router %s: levels %s, default %s", path, ladder.levels, ladder.default)
     return state
 
 

@@ -17,29 +17,30 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from ftp_vllm import envs
-from ftp_vllm.models.step import DecisionBatch, StepPrompts, StepRouting
+from ftp_vllm.models.step import DecisionBatch, StepPrompts, StepRouting, rung_mask
 from ftp_vllm.models.telemetry import Telemetry
 from ftp_vllm.router import hidden_scores
 
 
 class RoutingState(nn.Module):
-    """Per-model routing state shared by the layers: the router, the current step, the
-    score cache, each block's folded key projection, and the telemetry."""
+    """Per-model routing state shared by the layers: the router's ladder of operating points
+    (`ftp_vllm.ladder`; each request routed by its rung), the current step, the score cache,
+    each block's folded key projection, and the telemetry."""
 
-    def __init__(self, router, checkpoint_config: dict, block_size: int):
+    def __init__(self, ladder, checkpoint_config: dict, block_size: int):
         super().__init__()
-        self.router = router
+        self.ladder = ladder
+        self.router = ladder.router  # what the rungs share: mean queries, MLP, shape
         self.config = checkpoint_config
         self.block_size = block_size
-        self.telemetry = Telemetry(router, checkpoint_config)
+        self.telemetry = Telemetry(ladder, checkpoint_config)
         self.step: StepRouting | None = None
         self.score_cache: Tensor | None = None
         self.score_weight: Tensor | None = None  # [B, hidden], `fold_scores`
         self.score_bias: Tensor | None = None  # [B]
         self.fast = envs.FTP_VLLM_PATH != "simple"
         self.scores_keys = envs.FTP_VLLM_SCORE == "keys"
-        targets = [router.targets(b) for b in range(router.num_blocks)]
-        self.routed_kinds = (any(t[0] > 0 for t in targets), any(t[1] > 0 for t in targets))  # prompt, decode
+        self.routed_kinds = (any(ladder.routes_prompts), any(ladder.routes_decode))  # prompt, decode
         # Where decode tokens are routed, a decode token ranks against every earlier token of its
         # request, so every step records its tokens' scores.  Where only prompts are, a routed
         # prompt's tokens are scored in the steps that route them, and its cached K/V and scores
@@ -68,9 +69,9 @@ class RoutingState(nn.Module):
                                "nothing would be routed; serve with vLLM's V1 or V2 GPU/CPU model runner")
         if StepPrompts.prompt_lens is None:  # warm-up and CUDA-graph capture runs
             return
-        step = self.step = StepRouting.of(metadata, positions, self.router.routes_prompt)
+        step = self.step = StepRouting.of(metadata, positions, self.ladder)
         self.telemetry.begin_step()
-        self.routes_step = self._holds_routed_kinds(*self.routed_kinds)
+        self.routes_step = self._holds_routed(self.ladder.routes_prompts, self.ladder.routes_decode)
         if self.routes_step:
             step.with_context(metadata, self.block_size)
 
@@ -88,15 +89,16 @@ class RoutingState(nn.Module):
 
     def routes(self, block: int) -> bool:
         """Whether some token of the step may skip `block`: not when the step holds only
-        kinds of token (prompt, decode) whose target there is 0, e.g. decode steps of a
-        router that keeps decode tokens, nor when its only prompts are too short to route."""
-        prompt_target, decode_target = self.router.targets(block)
-        return self._holds_routed_kinds(prompt_target > 0, decode_target > 0)
+        kinds of token (prompt, decode) whose rung's target there is 0, e.g. decode steps of
+        a router that keeps decode tokens, nor when its only prompts are too short to route
+        or of the dense rung."""
+        return self._holds_routed(self.ladder.prompt_routed[block], self.ladder.decode_routed[block])
 
-    def _holds_routed_kinds(self, prompts_routed: bool, decodes_routed: bool) -> bool:
-        """Whether the step holds a kind of token (routable prompt, decode) that is routed."""
+    def _holds_routed(self, prompt_routed: list[bool], decode_routed: list[bool]) -> bool:
+        """Whether the step holds a routable prompt token or a decode token of a rung whose
+        flag for that kind is set."""
         step = self.step
-        return (prompts_routed and step.num_routed_prompt > 0) or (decodes_routed and step.num_prompt < step.num_tokens)
+        return any(prompt_routed[r] for r in step.prompt_rungs) or any(decode_routed[r] for r in step.decode_rungs)
 
     def fold_scores(self, block: int, attn: nn.Module) -> None:
         """Score `block`'s tokens from their normed hidden states (`router.hidden_scores`): before
@@ -130,19 +132,20 @@ class RoutingState(nn.Module):
     def decide(self, block: int, normed: Tensor, keys: Tensor | None, positions: Tensor, num_slots: int) -> Tensor:
         """Keep mask [T] of the step's tokens at `block` from their normed hidden states (or
         pre-rotary keys [T, KV, d])."""
-        step, router = self.step, self.router
+        step, ladder = self.step, self.ladder
         scores = self._store(block, self.scores(block, normed, keys), num_slots)
         batch = self._decision_batch(block)
-        prompt_lens = step.prompt_lens
+        prompt_lens, rungs = step.prompt_lens, step.rungs
         if batch.tokens is not None:
             scores, positions, prompt_lens = scores[batch.tokens], positions[batch.tokens], prompt_lens[batch.tokens]
+            rungs = None if rungs is None else rungs[batch.tokens]
         past = self.score_cache[block, batch.past_slots]  # other slots than the step's
-        logits = router.block_logits(block, scores, positions, prompt_lens, batch.cu_seqlens, past,
-                                     batch.past_cu_seqlens, batch.rank_layout)
-        keep = router.keep(block, logits, positions, prompt_lens)
+        logits = ladder.block_logits(block, rungs, step.present, scores, positions, prompt_lens, batch.cu_seqlens,
+                                     past, batch.past_cu_seqlens, batch.rank_layout)
+        keep = ladder.keep(block, logits, positions, prompt_lens, rungs, step.present)
         if batch.tokens is not None:
             keep = torch.ones_like(step.is_prompt).index_put_((batch.tokens,), keep)
-        self.telemetry.count(block, keep, step.is_prompt)
+        self.telemetry.count(block, keep, step)
         return keep
 
     def _store(self, block: int, scores: Tensor, num_slots: int) -> Tensor:
@@ -155,13 +158,12 @@ class RoutingState(nn.Module):
         return scores
 
     def _decision_batch(self, block: int) -> DecisionBatch:
-        """The step's `DecisionBatch` for the kinds of token `block` routes (made once a step)."""
+        """The step's `DecisionBatch` for the kinds of token each rung routes at `block` (made
+        once a step for each such pattern)."""
         step = self.step
-        prompt_target, decode_target = self.router.targets(block)
-        kinds = (prompt_target > 0, decode_target > 0)
+        kinds = (tuple(self.ladder.prompt_routed[block]), tuple(self.ladder.decode_routed[block]))
         if kinds not in step.batches:
-            routed = step.routed_prompt.clone() if kinds[0] else torch.zeros_like(step.is_prompt)
-            if kinds[1]:
-                routed |= ~step.is_prompt
+            routed = (step.routed_prompt & rung_mask(kinds[0], step.rungs, step.present)) | (
+                ~step.is_prompt & rung_mask(kinds[1], step.rungs, step.present))
             step.batches[kinds] = step.decision_batch(routed)
         return step.batches[kinds]

@@ -11,6 +11,7 @@ the V2 runner (CUDA's default) the model-state hook V2 offers models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +21,24 @@ from ftp_vllm.router import RankLayout, local_index, request_ids
 
 
 class StepPrompts:
-    """Prompt length of each request of the step being run, in batch order; None outside a
-    real step (profiling, warm-up, CUDA-graph capture).  One engine per process, one step at a
-    time.  `source` names the model runner that feeds it: None means nothing will, and a
-    routed model must not run (`RoutingState.begin_step` stops it)."""
+    """Prompt length and ladder rung (`ftp_vllm.ladder`) of each request of the step being
+    run, in batch order; None outside a real step (profiling, warm-up, CUDA-graph capture).
+    One engine per process, one step at a time.  `source` names the model runner that feeds
+    it: None means nothing will, and a routed model must not run (`RoutingState.begin_step`
+    stops it).  `rung_of` maps a request's sampling params to its rung (set with the router)."""
 
     prompt_lens: Tensor | None = None
+    rungs: list[int] | None = None
     source: str | None = None
+    rung_of: Callable | None = None
+
+
+def request_rung(state) -> int:
+    """The rung of a V1 runner's request, read from its params once."""
+    rung = getattr(state, "ftp_rung", None)
+    if rung is None:
+        rung = state.ftp_rung = StepPrompts.rung_of(state.sampling_params) if StepPrompts.rung_of else 0
+    return rung
 
 
 def install_v1_step_source() -> None:
@@ -40,10 +52,11 @@ def install_v1_step_source() -> None:
         def _model_forward(self, *args, **kwargs):
             n = self.input_batch.num_reqs
             StepPrompts.prompt_lens = self.input_batch.num_prompt_tokens_cpu_tensor[:n].to(self.device, copy=True)
+            StepPrompts.rungs = [request_rung(self.requests[r]) for r in self.input_batch.req_ids[:n]]
             try:
                 return original(self, *args, **kwargs)
             finally:
-                StepPrompts.prompt_lens = None
+                StepPrompts.prompt_lens = StepPrompts.rungs = None
 
         _model_forward.ftp_step_source = True
         GPUModelRunner._model_forward = _model_forward
@@ -58,16 +71,22 @@ def v2_model_state_cls() -> type:
     class FTPModelState(DefaultModelState):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.ftp_rungs: dict[int, int] = {}  # by request index
             StepPrompts.source = "v2"
+
+        def add_request(self, req_index: int, new_req_data) -> None:
+            super().add_request(req_index, new_req_data)
+            self.ftp_rungs[req_index] = StepPrompts.rung_of(new_req_data.sampling_params) if StepPrompts.rung_of else 0
 
         def prepare_inputs(self, input_batch, req_states):
             # a dummy batch's request ids are made up; a real one's are the runner's requests
             real = input_batch.num_reqs > 0 and input_batch.req_ids[0] in req_states.req_id_to_index
             StepPrompts.prompt_lens = req_states.prompt_len.gpu[input_batch.idx_mapping] if real else None
+            StepPrompts.rungs = [self.ftp_rungs[i] for i in input_batch.idx_mapping_np.tolist()] if real else None
             return super().prepare_inputs(input_batch, req_states)
 
         def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int):
-            StepPrompts.prompt_lens = None
+            StepPrompts.prompt_lens = StepPrompts.rungs = None
             return super().prepare_dummy_inputs(num_reqs, num_tokens)
 
     return FTPModelState
@@ -108,6 +127,13 @@ def install_step_source(vllm_config) -> None:
     install_v1_step_source()
 
 
+def rung_mask(flags: list[bool], rungs: Tensor | None, present: list[int]) -> Tensor | bool:
+    """Per token (or for the step, where its requests share one rung): whether its rung's flag is set."""
+    if rungs is None:
+        return flags[present[0]]
+    return torch.tensor(flags, device=rungs.device)[rungs]
+
+
 @dataclass
 class StepRouting:
     """What every routed layer of one forward needs to know about the step's requests."""
@@ -118,8 +144,12 @@ class StepRouting:
     block_table: Tensor  # [R, pages] the attention metadata's
     is_prompt: Tensor  # [T]
     num_prompt: int  # prompt tokens of the step (the rest are decode tokens)
-    routed_prompt: Tensor  # [T] prompt tokens of prompts long enough to route (`Router.routes_prompt`)
+    routed_prompt: Tensor  # [T] prompt tokens of prompts long enough to route, of rungs that route prompts
     num_routed_prompt: int  # their number
+    rungs: Tensor | None  # [T] each token's ladder rung; None where the step's requests share one
+    present: list[int]  # the rungs of the step's requests
+    prompt_rungs: list[int] | None = None  # the rungs of its routed prompt tokens
+    decode_rungs: list[int] | None = None  # the rungs of its decode tokens
     # for decisions only (`with_context`): a step that routes nowhere skips them
     requests: Tensor | None = None  # [T] each token's request
     n_past: Tensor | None = None  # [R] each request's earlier tokens
@@ -127,17 +157,41 @@ class StepRouting:
     batches: dict | None = None  # `DecisionBatch` by the kinds of token routed
 
     @classmethod
-    def of(cls, metadata, positions: Tensor, routes_prompt) -> StepRouting:
-        """The step of vLLM's attention `metadata`; `routes_prompt` says which prompt lengths are routed."""
+    def of(cls, metadata, positions: Tensor, ladder) -> StepRouting:
+        """The step of vLLM's attention `metadata`, routed by the rungs of `ladder` its requests chose."""
         num_tokens = metadata.num_actual_tokens
         num_reqs = len(StepPrompts.prompt_lens)
         cu = metadata.query_start_loc[: num_reqs + 1]
-        prompt_lens = torch.repeat_interleave(StepPrompts.prompt_lens, cu[1:] - cu[:-1], output_size=num_tokens)
+        counts = cu[1:] - cu[:-1]
+        prompt_lens = torch.repeat_interleave(StepPrompts.prompt_lens, counts, output_size=num_tokens)
+        request_rungs = StepPrompts.rungs if StepPrompts.rungs is not None else [ladder.default_rung] * num_reqs
+        present = sorted(set(request_rungs))
+        rungs = None
+        if len(present) > 1:
+            rungs = torch.repeat_interleave(torch.tensor(request_rungs, device=cu.device), counts, output_size=num_tokens)
         is_prompt = positions[:num_tokens] < prompt_lens
-        routed_prompt = is_prompt & routes_prompt(prompt_lens)
-        return cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
+        routed_prompt = is_prompt & ladder.router.routes_prompt(prompt_lens) & rung_mask(ladder.routes_prompts, rungs, present)
+        step = cls(cu_seqlens=cu, prompt_lens=prompt_lens, slots=metadata.slot_mapping[:num_tokens],
                    block_table=metadata.block_table, is_prompt=is_prompt, num_prompt=int(is_prompt.sum()),
-                   routed_prompt=routed_prompt, num_routed_prompt=int(routed_prompt.sum()))
+                   routed_prompt=routed_prompt, num_routed_prompt=int(routed_prompt.sum()), rungs=rungs,
+                   present=present)
+        if rungs is None:
+            step.prompt_rungs = present if step.num_routed_prompt else []
+            step.decode_rungs = present if step.num_prompt < num_tokens else []
+        else:
+            step.prompt_rungs = rungs[routed_prompt].unique().tolist()
+            step.decode_rungs = rungs[~is_prompt].unique().tolist()
+        return step
+
+    def rung_counts(self, num_rungs: int) -> Tensor:
+        """[rungs, 4] the step's (prompt, prompt, decode, decode) tokens of each rung: what a
+        block that keeps every token adds to its kept and total counters."""
+        kinds = torch.stack([self.is_prompt, self.is_prompt, ~self.is_prompt, ~self.is_prompt], 1).long()
+        counts = kinds.new_zeros(num_rungs, 4)
+        if self.rungs is None:
+            counts[self.present[0]] = kinds.sum(0)
+            return counts
+        return counts.index_add_(0, self.rungs, kinds)
 
     @property
     def num_tokens(self) -> int:

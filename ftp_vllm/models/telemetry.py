@@ -1,6 +1,6 @@
 """What a routed model reports: realised sparsity, and each step's keep masks.
 
-Per block, it counts kept and total prompt and decode tokens; every
+Per ladder rung and block, it counts kept and total prompt and decode tokens; every
 `FTP_VLLM_STATS_INTERVAL` seconds it logs the share skipped, with
 `FTP_VLLM_STATS` a thread writes the counters to a JSON file about once a second
 (for the API server, `ftp_vllm.server_routes`, in another process), and with
@@ -28,15 +28,17 @@ logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handlers
 class Telemetry(nn.Module):
     """Realised-sparsity counters of one model's routed blocks, and the step trace."""
 
-    def __init__(self, router, checkpoint_config: dict):
+    def __init__(self, ladder, checkpoint_config: dict):
         super().__init__()
-        self.num_blocks = router.num_blocks
-        self.routed_blocks = [not router.is_dense(b) for b in range(router.num_blocks)]
+        self.levels = ladder.levels
+        self.num_blocks = num_blocks = ladder.router.num_blocks
+        self.routed_blocks = [not ladder.is_dense(b) for b in range(num_blocks)]
         self.routed_block_ids = [b for b, routed in enumerate(self.routed_blocks) if routed]
-        self.target_sparsity = checkpoint_config.get("target_sparsity")
-        # prompt kept, prompt total, decode kept, decode total; per block
-        self.register_buffer("counts", torch.zeros(router.num_blocks, 4, dtype=torch.int64), persistent=False)
-        self.host_counts = torch.zeros(router.num_blocks, 4, dtype=torch.int64)  # what readers read (`_publish`)
+        self.target_sparsity = ladder.default  # of requests that name no level
+        # prompt kept, prompt total, decode kept, decode total; per rung and block
+        shape = (len(ladder.levels), num_blocks, 4)
+        self.register_buffer("counts", torch.zeros(shape, dtype=torch.int64), persistent=False)
+        self.host_counts = torch.zeros(shape, dtype=torch.int64)  # what readers read (`_publish`)
         self.interval = envs.FTP_VLLM_STATS_INTERVAL
         self.trace_path = envs.FTP_VLLM_TRACE
         self.stats_path = envs.FTP_VLLM_STATS
@@ -50,11 +52,14 @@ class Telemetry(nn.Module):
         self.trace.clear()
         self.keep_all_blocks.clear()
 
-    def count(self, block: int, keep: Tensor, is_prompt: Tensor) -> None:
+    def count(self, block: int, keep: Tensor, step: StepRouting) -> None:
         """A block's decisions on the step's tokens."""
-        self.counts[block] += torch.stack([
-            (keep & is_prompt).sum(), is_prompt.sum(), (keep & ~is_prompt).sum(), (~is_prompt).sum(),
-        ])
+        is_prompt = step.is_prompt
+        kinds = torch.stack([keep & is_prompt, is_prompt, keep & ~is_prompt, ~is_prompt], 1).long()
+        if step.rungs is None:
+            self.counts[step.present[0], block] += kinds.sum(0)
+        else:
+            self.counts[:, block].index_add_(0, step.rungs, kinds)
         if self.trace_path:
             self.trace[block] = keep
 
@@ -66,9 +71,7 @@ class Telemetry(nn.Module):
 
     def end_step(self, step: StepRouting, positions: Tensor, stock_graph: bool) -> None:
         if self.keep_all_blocks:
-            num_prompt, num_decode = step.num_prompt, step.num_tokens - step.num_prompt
-            self.counts[self.keep_all_blocks] += torch.tensor([num_prompt, num_prompt, num_decode, num_decode],
-                                                              device=self.counts.device)
+            self.counts[:, self.keep_all_blocks] += step.rung_counts(len(self.levels))[:, None].to(self.counts.device)
         self._publish()
         if self.trace_path:
             self._write_trace(step, positions, stock_graph)
@@ -89,10 +92,19 @@ class Telemetry(nn.Module):
             self.host_counts = torch.zeros(counts.shape, dtype=counts.dtype, pin_memory=counts.is_cuda)
         self.host_counts.copy_(counts, non_blocking=True)
 
-    def stats(self, counts: list | None = None) -> dict:
+    def stats(self, counts: Tensor | None = None) -> dict:
         """Realised sparsity since start: the share of token-block computations skipped,
-        over all blocks (blocks the router never routes count as computing every token)."""
-        c = self.host_counts.tolist() if counts is None else counts
+        over all blocks (blocks the router never routes count as computing every token), in
+        all and per level of the router's ladder."""
+        counts = self.host_counts.clone() if counts is None else counts
+        levels = []
+        for level, rung in zip(self.levels, counts.tolist()):
+            stats = self._sparsity(rung)
+            levels.append({"level": level, **{k: v for k, v in stats.items() if k != "per_block"}})
+        return {**self._sparsity(counts.sum(0).tolist()), "target_sparsity": self.target_sparsity, "levels": levels}
+
+    def _sparsity(self, c: list) -> dict:
+        """Realised sparsity of [blocks][4] counters."""
         num_blocks = self.num_blocks
         prompt_tokens = max(row[1] for row in c)  # every routed block sees every token
         decode_tokens = max(row[3] for row in c)
@@ -105,7 +117,6 @@ class Telemetry(nn.Module):
             "decode_sparsity": skipped(2, 3, decode_tokens),
             "prompt_tokens": prompt_tokens,
             "decode_tokens": decode_tokens,
-            "target_sparsity": self.target_sparsity,
             "per_block": [
                 {"block": b, "routed": self.routed_blocks[b],
                  "prompt_kept": c[b][0], "prompt_total": c[b][1], "decode_kept": c[b][2], "decode_total": c[b][3]}
@@ -126,8 +137,8 @@ class Telemetry(nn.Module):
         written = None
         while True:
             time.sleep(min(1.0, self.interval) or 0.1)
-            counts = self.host_counts.tolist()
-            if counts != written:
+            counts = self.host_counts.clone()
+            if written is None or not torch.equal(counts, written):
                 self._write_stats(self.stats(counts))
                 written = counts
 
