@@ -72,7 +72,7 @@ from ftp_vllm.baselines import (
     calibration_block_influence, random_rule, shortgpt_blocks, shortgpt_prompt_rule, shortgpt_rule, static_rule,
     uniform_schedule,
 )
-from ftp_vllm.checkpoint import check_compatible, load_checkpoint, resolve_router
+from ftp_vllm.checkpoint import check_compatible, load_checkpoint, router_label, router_levels
 from ftp_vllm.evaluation import (
     CHANCE, ROUTED, ContinuationSums, Method, SkipCounter, cloze_items, cloze_scores, continuation_pass,
     paired_retention_interval, retention, wilson_interval,
@@ -119,10 +119,10 @@ def build_methods(args, model: RoutedModel, model_folder: Path, tokenizer) -> li
     routers = args.routers if args.routers is not None else (SHIPPED_ROUTERS if args.model == DEFAULT_MODEL else [])
     methods = [Method("dense", info={"declared_sparsity": 0.0})]
     targets = []  # (sparsity, prompt schedule, decode schedule, router name)
-    for name in routers:
-        router, config = load_checkpoint(name)
+    for name, level in router_levels(routers):
+        router, config = load_checkpoint(name, level)
         check_compatible(config, model_folder)
-        label = resolve_router(name).name
+        label = router_label(name, level)
         info = {"declared_sparsity": config.get("target_sparsity"),
                 "declared_decode_sparsity": config.get("decode_target_sparsity")}
         if "ftp" in args.methods:

@@ -4,7 +4,8 @@
 
 Methods: `dense` (the stock model), `ftp-keep-all` (the FTP class with a router
 whose thresholds keep every token: the routing overhead alone), `ftp` with each
-`--routers` router, `ftp-simple` (the first router with attention for every
+`--routers` router (a ladder checkpoint: each of its levels, `NAME@0.2` one of
+them, served as the engine's default level), `ftp-simple` (the first router with attention for every
 token: the routed layers' simple path; not run by default), and `shortgpt`
 (the model with round(s * B) blocks of lowest Block Influence removed, s the
 first router's target) - each in its own engine process, all of one mode alive
@@ -102,25 +103,27 @@ def engine_args(folder, dtype: str | None = None) -> dict:
             "max_model_len": 2048, "enable_prefix_caching": False}
 
 
-def routed_overrides(router_path) -> dict:
-    """`LLM` arguments that serve the FTP class with a router checkpoint."""
-    return {"hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router_path)}}
+def routed_overrides(router_path, level: float | None = None) -> dict:
+    """`LLM` arguments that serve the FTP class with a router checkpoint (at `level` of a ladder)."""
+    overrides = {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router_path)}
+    return {"hf_overrides": overrides if level is None else {**overrides, "ftp_sparsity": level}}
 
 
-def keep_all_router(name, model_folder, out: Path) -> Path:
-    """Router `name` with thresholds that keep every token (the routing overhead alone), saved at `out`."""
-    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, resolve_router, save_checkpoint
+def keep_all_router(name, model_folder, out: Path, level: float | None = None) -> Path:
+    """Router `name` (at `level` of a ladder) with thresholds that keep every token (the
+    routing overhead alone), saved at `out`."""
+    from ftp_vllm.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 
-    router, _ = load_checkpoint(resolve_router(name))
+    router, _ = load_checkpoint(name, level)
     router.keep_every_token()
     return save_checkpoint(out, router, {"base_model": fingerprint(model_folder)})
 
 
-def router_target(name) -> float:
-    """The target sparsity router `name` was trained for."""
-    from ftp_vllm.checkpoint import load_checkpoint, resolve_router
+def router_target(name, level: float | None = None) -> float:
+    """The target sparsity router `name` (at `level` of a ladder) was made for."""
+    from ftp_vllm.checkpoint import load_checkpoint
 
-    return load_checkpoint(resolve_router(name))[1]["target_sparsity"]
+    return load_checkpoint(name, level)[1]["target_sparsity"]
 
 
 def shortgpt_model(folder, tokenizer, sparsity: float, out: Path) -> tuple[Path, list[int]]:
@@ -166,21 +169,24 @@ class MethodSpec:
 def method_specs(args, folder, tokenizer, work: Path) -> list[MethodSpec]:
     """`--methods` in each of `--modes`, a mode's methods together; routers and the pruned
     model they need are written under `work`."""
-    from ftp_vllm.checkpoint import resolve_router
+    from ftp_vllm.checkpoint import resolve_router, router_label, router_levels
 
+    routers = router_levels(args.routers)  # a ladder: each of its levels, served as the server's default
     methods = []
     if "dense" in args.methods:
         methods.append(MethodSpec("dense"))
     if "ftp-keep-all" in args.methods:
         methods.append(MethodSpec("ftp-keep-all", llm=routed_overrides(
-            keep_all_router(args.routers[0], folder, work / "keep-all"))))
+            keep_all_router(routers[0][0], folder, work / "keep-all", routers[0][1]))))
     if "ftp" in args.methods:
-        methods += [MethodSpec("ftp", name, routed_overrides(resolve_router(name))) for name in args.routers]
+        methods += [MethodSpec("ftp", router_label(name, level), routed_overrides(resolve_router(name), level))
+                    for name, level in routers]
     if "ftp-simple" in args.methods:  # the first router on the simple path (attention for every token)
-        methods.append(MethodSpec("ftp-simple", args.routers[0], routed_overrides(resolve_router(args.routers[0])),
+        name, level = routers[0]
+        methods.append(MethodSpec("ftp-simple", router_label(name, level), routed_overrides(resolve_router(name), level),
                                   {"FTP_VLLM_PATH": "simple"}))
-    if "shortgpt" in args.methods and args.routers:  # as many blocks as the first router's target
-        path, dropped = shortgpt_model(folder, tokenizer, router_target(args.routers[0]), work / "shortgpt")
+    if "shortgpt" in args.methods and routers:  # as many blocks as the first router's target
+        path, dropped = shortgpt_model(folder, tokenizer, router_target(*routers[0]), work / "shortgpt")
         methods.append(MethodSpec("shortgpt", llm={"model": str(path)}, dropped_blocks=dropped))
     return [replace(m, mode=mode) for mode in args.modes for m in methods]
 

@@ -183,6 +183,31 @@ def resolve_router(name_or_path: str | Path) -> Path:
     return path
 
 
+def router_levels(specs: list[str]) -> list[tuple[str, float | None]]:
+    """Routers as benchmarks name them, as (name or path, level): `NAME@0.2` is a ladder's
+    level 0.2; a bare ladder stands for each of its levels above 0; any other name for itself."""
+    out = []
+    for spec in specs:
+        name, at, level = str(spec).rpartition("@") if "@" in str(spec) else (str(spec), "", "")
+        if at:
+            try:
+                out.append((name, float(level)))
+            except ValueError:
+                raise CheckpointError(f"{spec}: the level after @ must be a number") from None
+            continue
+        config, _ = _read(resolve_router(name))
+        if "ladder" in config:
+            out += [(name, float(x)) for x in config["ladder"]["levels"]]
+        else:
+            out.append((name, None))
+    return out
+
+
+def router_label(name: str, level: float | None) -> str:
+    """How results name a router (and its level, for a ladder's)."""
+    return resolve_router(name).name + ("" if level is None else f"@{level:g}")
+
+
 def load_checkpoint(name_or_path: str | Path, level: float | None = None) -> tuple[Router, dict]:
     """(Router, config) from a checkpoint folder or shipped name, fully validated.  Of a ladder
     (`load_ladder`), the rung at `level` (default: the ladder's default), with its config."""

@@ -3,10 +3,11 @@
     python serving/launch.py [--model NAME_OR_FOLDER] [--ftp-router NAME_OR_FOLDER | --no-router]
                              [--host H] [--port P] [any vllm serve flag ...]
 
-A known model name is prepared on first use and served with its shipped 30%
-router unless told otherwise; the folder's architecture is switched to its FTP
-class; on a machine without a GPU the engine gets its
-threads bound and a KV cache sized from free memory.  The launcher waits until
+A known model name is prepared on first use and served with its shipped dial
+(one router at levels 0-40%, chosen per request, 30% by default) unless told
+otherwise; the folder's architecture is switched to its FTP class; on a
+machine without a GPU the engine gets its threads bound and a KV cache sized
+from free memory.  The launcher waits until
 `/health` answers, prints the URL and a ready-to-paste request, and passes
 Ctrl-C / SIGTERM on to the server so that no engine process is left behind.
 Every flag it does not know goes to `vllm serve` unchanged.
@@ -27,11 +28,14 @@ from ftp_vllm.vllm_args import ftp_architecture
 
 
 def default_router(model_arg: str) -> str | None:
-    """The shipped 30% router of a known model, if there is one."""
+    """The shipped router of a known model: its dial (levels chosen per request, 30% by
+    default) where there is one, else its 30% router."""
     from ftp_vllm.checkpoint import SHIPPED
 
-    name = f"{model_arg}-s30"
-    return name if model_arg in KNOWN_MODELS and (SHIPPED / name).is_dir() else None
+    for name in (f"{model_arg}-dial", f"{model_arg}-s30"):
+        if model_arg in KNOWN_MODELS and (SHIPPED / name).is_dir():
+            return name
+    return None
 
 
 def serve_args(model_arg: str, router: str | None, extra: list[str]) -> list[str]:
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a known model name or a model folder")
     parser.add_argument("--ftp-router", default=None,
-                        help="router checkpoint folder or shipped name (default: the model's shipped 30%% router)")
+                        help="router checkpoint folder or shipped name (default: the model's shipped dial, 30%% unless "
+                             "a request or --ftp-sparsity names another level)")
     parser.add_argument("--no-router", action="store_true", help="serve the FTP class without a router (dense)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you choose otherwise)")
     parser.add_argument("--port", type=int, default=8000)

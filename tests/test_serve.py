@@ -130,7 +130,7 @@ def test_readme_curl_examples_work_as_written(server):
         assert '"choices"' in out.stdout or "data: " in out.stdout, out.stdout[:500]
 
 
-SHIPPED_ROUTER = "smollm2-135m-instruct-s30"
+SHIPPED_ROUTER = "smollm2-135m-instruct-dial"  # `make serve`'s default: 30% unless a request says
 
 
 def test_vllm_serve_with_ftp_router_answers_openai_client(server):
@@ -226,6 +226,56 @@ def test_openai_client_options(server):
     realised = prompt_sparsity_since(server, before)
     print(f"realised prompt sparsity of the option requests: {realised:.4f}")
     assert realised > 0
+
+
+def level_prompt_sparsity(before: dict, after: dict) -> dict:
+    """Per level, the share of prompt token-block computations skipped between two `/ftp/stats`."""
+    out = {}
+    for b, a in zip(before["levels"], after["levels"]):
+        tokens = a["prompt_tokens"] - b["prompt_tokens"]
+        if tokens:
+            skipped = (a["prompt_sparsity"] or 0) * a["prompt_tokens"] - (b["prompt_sparsity"] or 0) * b["prompt_tokens"]
+            out[a["level"]] = (skipped / tokens, tokens)
+    return out
+
+
+def test_each_request_chooses_its_level(server):
+    """The sparsity dial through the OpenAI API, on one server: prompts sent at each level of
+    the shipped ladder (`vllm_xargs`) realise its prompt sparsity within 1 point, counted per
+    level in `/ftp/stats` and the `ftp_level_*` metrics; a level between two rungs gets the
+    one below; a bad level is a 400 naming the range, and the server keeps serving."""
+    from openai import BadRequestError, OpenAI
+
+    from ftp_vllm import texts
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=API_KEY)
+    router = server["http"].get(f"{server['url']}/ftp/router", timeout=10).json()
+    assert router["levels"] == [0.0, 0.1, 0.2, 0.3, 0.4] and router["default_level"] == 0.3
+    docs = texts.documents("evaluation")
+    taken = [d for d in docs if len(d.split()) >= 380][:16]  # the default level's test sends these
+    prompts = [" ".join(d.split()[:250]) for d in docs if len(d.split()) >= 250 and d not in taken]
+    asked = {0.0: 0.0, 0.1: 0.1, 0.2: 0.25, 0.4: 0.4}  # rung: the level a request names
+    before = settled_stats(server)
+    for i, (rung, level) in enumerate(asked.items()):
+        client.completions.create(model=MODEL, prompt=prompts[5 * i:5 * i + 5], max_tokens=1, temperature=0,
+                                  extra_body={"vllm_xargs": {"ftp_sparsity": level}})
+    realised = level_prompt_sparsity(before, settled_stats(server))
+    print("realised prompt sparsity by level:", realised)
+    assert set(realised) == set(asked)
+    for rung, (sparsity, tokens) in realised.items():
+        assert tokens > 5 * 250 and abs(sparsity - rung) <= 0.01, (rung, sparsity)
+    metrics = server["http"].get(f"{server['url']}/metrics", timeout=10).text
+    assert 'ftp_level_prompt_sparsity{level="0.1"}' in metrics and 'ftp_level_prompt_tokens_total{level="0.4"}' in metrics
+    chat = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, extra_body={
+        "vllm_xargs": {"ftp_sparsity": 0.2}}, messages=[{"role": "user", "content": "Name a colour."}])
+    assert chat.choices[0].message.content.strip()
+    for bad in (0.5, -0.1, "fast"):
+        for call in (lambda x: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=x),
+                     lambda x: client.chat.completions.create(model=MODEL, max_tokens=2, extra_body=x,
+                                                              messages=[{"role": "user", "content": "Hi"}])):
+            with pytest.raises(BadRequestError, match=r"ftp_sparsity must be a number in \[0, 0.4\]"):
+                call({"vllm_xargs": {"ftp_sparsity": bad}})
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
 def test_bad_input_gets_4xx_and_server_keeps_serving(server):
