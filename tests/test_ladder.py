@@ -186,3 +186,28 @@ def test_input_processor_refuses_a_bad_level_as_the_clients_error(monkeypatch, l
     processor._validate_params(SamplingParams(extra_args={"ftp_sparsity": 0.1}), ())
     with pytest.raises(VLLMValidationError, match="ftp_sparsity must be a number"):
         processor._validate_params(SamplingParams(extra_args={"ftp_sparsity": "fast"}), ())
+
+
+def test_dial_plot_lines_up_each_levels_quality_and_speed(tmp_path):
+    from .conftest import load_benchmark
+
+    dial_plot = load_benchmark("dial_plot")
+    accuracy = {"results": [
+        {"method": "dense", "router": None, "ppl_ratio": 1.0, "cloze_retention": 1.0,
+         "cloze_retention_ci95_paired": [1.0, 1.0], "sparsity_prompt_routed": 0.0},
+        {"method": "ftp", "router": "dial@0.3", "ppl_ratio": 1.12, "cloze_retention": 0.93,
+         "cloze_retention_ci95_paired": [0.9, 0.95], "sparsity_prompt_routed": 0.301},
+        {"method": "ftp", "router": "dial@0.1", "ppl_ratio": 1.03, "cloze_retention": 0.99,
+         "cloze_retention_ci95_paired": [0.98, 1.0], "sparsity_prompt_routed": 0.1},
+        {"method": "shortgpt", "router": None, "ppl_ratio": 1.5, "cloze_retention": 0.9,
+         "cloze_retention_ci95_paired": [0.8, 0.95]}]}
+    throughput = {"results": [
+        {"workload": "prompt-heavy", "method": "dense", "router": None, "ratio_to_dense": 1.0},
+        {"workload": "prompt-heavy", "method": "ftp", "router": "dial@0.3", "ratio_to_dense": 1.2},
+        {"workload": "prompt-heavy", "method": "ftp", "router": "s30", "ratio_to_dense": 1.25}]}
+    rows = dial_plot.dial_rows(accuracy, throughput)
+    assert [(r["level"], r["ppl_ratio"], r["throughput_ratio"]) for r in rows] == \
+        [(0.0, 1.0, 1.0), (0.1, 1.03, None), (0.3, 1.12, 1.2)]
+    assert "| 0.3 | 30.1% | 1.120 | 0.930 [0.900, 0.950] | 1.20 |" in dial_plot.format_table(rows)
+    dial_plot.plot(rows, tmp_path / "dial.png")
+    assert (tmp_path / "dial.png").stat().st_size > 0
