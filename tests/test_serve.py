@@ -317,17 +317,18 @@ def assert_same_greedy_output(alone: dict, among: dict, near_tie: float = 0.05) 
 
 def test_disconnect_and_cancel_leave_other_requests_intact(server):
     """A client that drops a stream and one that cancels a request in flight: the server keeps
-    serving and concurrent routed requests get the same output as when sent alone (up to
-    float32 near-ties, `assert_same_greedy_output`)."""
+    serving and concurrent routed requests, each at a level of its own (the dial), get the same
+    output as when sent alone (up to float32 near-ties, `assert_same_greedy_output`)."""
     import asyncio
 
     from openai import AsyncOpenAI
 
     base = f"{server['url']}/v1"
     *prompts, dropped, cancelled = routed_prompts(6, skip=4)
+    levels = [{"vllm_xargs": {"ftp_sparsity": x}} for x in (0.0, 0.1, 0.4)] + [{}]  # the last: the default
     alone = [server["http"].post(f"{base}/completions", timeout=120, json={
-        "model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0, "logprobs": 2}).json()["choices"][0]
-        for p in prompts]
+        "model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0, "logprobs": 2, **level}).json()["choices"][0]
+        for p, level in zip(prompts, levels)]
     reset_prefix_cache(server)  # the concurrent requests compute their prompts again, routed in one batch
     before = settled_stats(server)
 
@@ -342,7 +343,8 @@ def test_disconnect_and_cancel_leave_other_requests_intact(server):
         doomed = asyncio.create_task(client.completions.create(
             model=MODEL, prompt=cancelled, max_tokens=400, extra_body={"ignore_eos": True}))
         others = [asyncio.create_task(client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
-                                                                logprobs=2)) for p in prompts]
+                                                                logprobs=2, extra_body=level))
+                  for p, level in zip(prompts, levels)]
         await asyncio.sleep(1.0)
         doomed.cancel()
         return await asyncio.gather(*others)
