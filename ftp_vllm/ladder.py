@@ -96,9 +96,6 @@ class Ladder:
         """No rung routes `block`: it never runs the router."""
         return all(r.is_dense(block) for r in self.rungs)
 
-    def routes_any(self, rung: int) -> bool:
-        return self.routes_prompts[rung] or self.routes_decode[rung]
-
     def block_logits(self, block: int, rungs: Tensor, present: Sequence[int], *args) -> Tensor:
         """Router logits at `block` (`Router.block_logits` arguments after the block) of tokens of
         the rungs `rungs` [T]; `present` lists the rungs among them.  The rungs share the MLP;
@@ -115,9 +112,6 @@ class Ladder:
             rung_keep = self.rungs[r].keep(block, logits, positions, prompt_lens)
             keep = rung_keep if keep is None else torch.where(rungs == r, rung_keep, keep)
         return keep
-
-    def describe(self) -> dict:
-        return {"levels": self.levels, "default_level": self.default}
 
 
 @functools.lru_cache(maxsize=8)

@@ -49,7 +49,7 @@ def test_a_request_gets_the_highest_rung_at_or_below_its_level():
     ladder.set_default(0.25)
     assert ladder.default == 0.2 and ladder.rung_of(SamplingParams()) == 2
     assert ladder.rung_of(SamplingParams(extra_args={"ftp_sparsity": 0})) == 0
-    assert not ladder.routes_any(0) and all(ladder.routes_prompts[1:])
+    assert not ladder.routes_prompts[0] and not ladder.routes_decode[0] and all(ladder.routes_prompts[1:])
     for bad in (0.41, -0.1, "0.2", None, True, float("nan"), [0.2]):
         with pytest.raises(ValueError, match=r"ftp_sparsity must be a number in \[0, 0.4\]"):
             ladder.check_level(bad)
