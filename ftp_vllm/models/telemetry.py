@@ -55,10 +55,11 @@ class Telemetry(nn.Module):
     def count(self, block: int, keep: Tensor, step: StepRouting) -> None:
         """A block's decisions on the step's tokens."""
         is_prompt = step.is_prompt
-        kinds = torch.stack([keep & is_prompt, is_prompt, keep & ~is_prompt, ~is_prompt], 1).long()
-        if step.rungs is None:
-            self.counts[step.present[0], block] += kinds.sum(0)
+        if step.rungs is None:  # one rung: four sums, no per-token table
+            self.counts[step.present[0], block] += torch.stack([
+                (keep & is_prompt).sum(), is_prompt.sum(), (keep & ~is_prompt).sum(), (~is_prompt).sum()])
         else:
+            kinds = torch.stack([keep & is_prompt, is_prompt, keep & ~is_prompt, ~is_prompt], 1).long()
             self.counts[:, block].index_add_(0, step.rungs, kinds)
         if self.trace_path:
             self.trace[block] = keep
