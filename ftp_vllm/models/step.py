@@ -1,9 +1,9 @@
 """What the routed layers of one forward know about the scheduler step's requests.
 
 vLLM's attention metadata says where each request's tokens are (`query_start_loc`),
-their cache slots and pages, but not which tokens are prompt tokens.  The model
-runner knows, and a step source copies each request's prompt length before every
-real step (`StepPrompts`): under vLLM's V1 model runner (the CPU's, and CUDA's
+their cache slots and pages, but not which tokens are prompt tokens, nor the level
+each request asked for.  The model runner knows, and a step source copies each
+request's prompt length and ladder rung before every real step (`StepPrompts`): under vLLM's V1 model runner (the CPU's, and CUDA's
 where V1 is chosen) a wrap of the method the runner calls the model from; under
 the V2 runner (CUDA's default) the model-state hook V2 offers models.
 `StepRouting.of` reads the rest from the metadata.
