@@ -34,7 +34,7 @@ def differing(a: list, b: list) -> int:
 
 def test_float32_batch_invariance_and_preemption(real_model, tmp_path):
     router = decode_routed_router(tmp_path / "router")
-    prompts = mixed_prompts(20)
+    prompts = mixed_prompts(32)
     ftp = {"model": real_model, "dtype": "float32", "enable_prefix_caching": False,
            "hf_overrides": {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": router}}
     small_cache = {"kv_cache_memory_bytes": 48 << 20, "max_model_len": 640}  # ~1,000 fp32 tokens
@@ -46,9 +46,9 @@ def test_float32_batch_invariance_and_preemption(real_model, tmp_path):
     ]
     f32_run, preempted = run_engines(runs)
     alone = f32_run["tokens"]
-    assert len({tuple(t) for t in alone}) > 15, "degenerate outputs prove nothing"
+    assert len({tuple(t) for t in alone}) > 24, "degenerate outputs prove nothing"
 
-    # each request's output is the same alone and among 20 of mixed lengths
+    # each request's output is the same alone and among 32 of mixed lengths
     assert f32_run["tokens_together"] == alone
 
     # requests were preempted and recomputed (skipped tokens' K/V included), and every
