@@ -34,6 +34,7 @@ def namespace(model, router):
 def isolated_env(monkeypatch, tmp_path):
     """`--ftp-router` sets variables for the engine processes; keep them out of other tests."""
     monkeypatch.setenv("FTP_VLLM_ROUTER", "")
+    monkeypatch.setenv("FTP_VLLM_SPARSITY", "")
     monkeypatch.setenv("FTP_VLLM_STATS", str(tmp_path / "stats.json"))
 
 
@@ -44,6 +45,19 @@ def test_router_becomes_overrides(tiny_llama, tmp_path):
     assert args.hf_overrides == {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(router)}
     assert args.enforce_eager is False  # routing runs in vLLM's default compiled mode too
     assert args.middleware == ["ftp_vllm.server_routes.FTPRoutes"]
+
+
+def test_default_level_becomes_an_override_and_is_checked(tiny_llama, tmp_path):
+    router = make_router(tiny_llama, tmp_path / "r")  # its level: the schedule's mean, 0.225
+    args = namespace(tiny_llama, str(router))
+    args.ftp_sparsity = 0.0
+    apply_ftp_args(args)
+    assert args.hf_overrides["ftp_sparsity"] == 0.0
+    for level, router_arg, expected in ((0.5, str(router), "must be a number in [0, 0.225]"),
+                                        (0.2, None, "give --ftp-router too")):
+        args = namespace(tiny_llama, router_arg)
+        args.ftp_sparsity = level
+        assert expected in _error(args)
 
 
 def test_no_router_leaves_args_alone(tiny_llama):
