@@ -217,7 +217,7 @@ def load_checkpoint(name_or_path: str | Path, level: float | None = None) -> tup
         if level is not None:
             raise CheckpointError(f"{folder}: not a ladder checkpoint; it has one level, {config.get('target_sparsity')}")
         return _router(folder, config, state), config
-    ladder, config = load_ladder(folder)
+    ladder = _ladder(folder, config, state)
     rung = ladder.rung_index(None if level is None else _checked(ladder, level, folder))
     if rung == 0:
         raise CheckpointError(f"{folder}: level {level} is the dense model, no router")
@@ -228,13 +228,18 @@ def load_checkpoint(name_or_path: str | Path, level: float | None = None) -> tup
 def load_ladder(name_or_path: str | Path):
     """(Ladder, config) from a checkpoint folder or shipped name: a ladder checkpoint's rungs, or
     a single-level checkpoint as the ladder of the dense model and its router."""
-    from .ladder import Ladder
-
     folder = resolve_router(name_or_path)
     config, state = _read(folder)
+    return _ladder(folder, config, state), config
+
+
+def _ladder(folder: Path, config: dict, state: dict):
+    """The Ladder of a checkpoint's config and tensors (`load_ladder`), validated."""
+    from .ladder import Ladder
+
     if "ladder" not in config:
         router = _router(folder, config, state)
-        return Ladder([router], [float(config.get("target_sparsity") or router.sparsity.mean())]), config
+        return Ladder([router], [float(config.get("target_sparsity") or router.sparsity.mean())])
     try:
         levels, default = [float(x) for x in config["ladder"]["levels"]], float(config["ladder"]["default"])
         if len(config["ladder"]["rungs"]) != len(levels):
@@ -248,7 +253,7 @@ def load_ladder(name_or_path: str | Path):
         raise CheckpointError(f"{folder / ROUTER_FILE}: wrong tensors ({'; '.join(wrong)})")
     rungs = [_router(folder, config, {**state, **{k: v[i] for k, v in stacked.items()}}) for i in range(len(levels))]
     try:
-        return Ladder(rungs, levels, default), config
+        return Ladder(rungs, levels, default)
     except ValueError as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
 
@@ -270,9 +275,10 @@ def save_ladder(folder: str | Path, rungs: list[tuple[Router, dict]], default: f
     rungs = sorted(rungs, key=lambda rc: rc[1]["target_sparsity"])
     levels = [float(c["target_sparsity"]) for _, c in rungs]
     first, first_config = rungs[0]
+    first_state = first.state_dict()
     for router, config in rungs[1:]:
         shared = [k for k, v in router.state_dict().items()
-                  if k not in LEVEL_TENSORS and not torch.equal(v, first.state_dict()[k])]
+                  if k not in LEVEL_TENSORS and not torch.equal(v, first_state[k])]
         if shared or router_shape(router) != router_shape(first) or config["base_model"] != first_config["base_model"]:
             raise CheckpointError(f"rungs at {levels[0]} and {config['target_sparsity']} differ in "
                                   f"{', '.join(shared) or 'shape or base model'}: a ladder's rungs share one router")
@@ -280,7 +286,7 @@ def save_ladder(folder: str | Path, rungs: list[tuple[Router, dict]], default: f
         raise CheckpointError(f"default level {default} must be one of the rungs' distinct levels {levels}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in first.state_dict().items() if k not in LEVEL_TENSORS}
+    state = {k: v.detach().cpu().contiguous() for k, v in first_state.items() if k not in LEVEL_TENSORS}
     for k in LEVEL_TENSORS:
         state[k] = torch.stack([r.state_dict()[k].detach().cpu() for r, _ in rungs]).contiguous()
     save_file(state, str(folder / ROUTER_FILE), metadata={"format": "pt"})
