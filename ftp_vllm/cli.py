@@ -51,7 +51,8 @@ def _rescale(args) -> None:
     from .pipeline import format_summary, rescale_router
 
     folder, config = rescale_router(args.router, args.sparsity, args.out, command="ftp-vllm " + shlex.join(args.argv),
-                                    search_generations=args.search_generations, progress=args.progress)
+                                    search_generations=args.search_generations, train_steps=args.train_steps,
+                                    lr=args.lr, progress=args.progress)
     print(format_summary(folder, config))
 
 
@@ -131,12 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_calibrate_short_prompts)
 
     p = sub.add_parser("rescale", help="a router at another sparsity from a trained one: its schedule scaled, "
-                                       "thresholds calibrated again; write a checkpoint")
+                                       "optionally searched and its MLP trained further, thresholds calibrated "
+                                       "again; write a checkpoint")
     p.add_argument("router", help="router checkpoint folder or shipped name")
-    p.add_argument("--sparsity", type=float, required=True, help="overall target: mean per-block prompt sparsity")
+    p.add_argument("--sparsity", type=float,
+                   help="overall target: mean per-block prompt sparsity (default: the router's own)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--search-generations", type=int, default=0,
                    help="search the scaled schedule further with the router for this many generations (0)")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train the MLP further at the schedule for this many steps, as train does; kept only "
+                        "if it does better on calibration text (0)")
+    p.add_argument("--lr", type=float, help="learning rate of that training (default: the router's training's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_rescale)
 

@@ -147,19 +147,16 @@ def run_training(settings: TrainSettings, command: str = "") -> tuple[Path, dict
     with timed(stages, "input_calibration_and_warm_start"):
         router, guide_fit = warm_started_router(model, static.schedule, decode_of, calib_text, s)
     with timed(stages, "training"):
-        warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
-        run = train_on_chunks(model, router, train_text, calib_text, s)
         fitness = searched_fitness(model, router, searched, decode_of)
-        selection = {**keep_better_mlp(router, warm, fitness, static.schedule), "guide_fit_loss": round(guide_fit, 5)}
+        trained = train_and_select(model, router, train_text, calib_text, fitness, s)
+        trained["selection"]["guide_fit_loss"] = round(guide_fit, 5)
     with timed(stages, "router_search"):
         tuned = router_search(fitness, s, s.sparsity, s.router_generations, static.schedule,
                               "schedule search (trained router)", s.progress)
         router.set_schedule(tuned.schedule, decode_of(tuned.schedule))
     with timed(stages, "thresholds_and_evaluation"):
         reached = calibrate_and_measure(model, router, calib_text, eval_text)
-    training = {"command": command, "loss": loss_summary(run.history),
-                "held_back_loss": {"batch": f"the first {s.train_batch} threshold calibration chunks", **run.held_back},
-                "selection": selection,
+    training = {"command": command, **trained,
                 "wall_time_s": round(time.perf_counter() - t0, 1), "stage_wall_time_s": stages}
     config = training_config(s, folder, static, tuned, reached, training, len(train_text))
     out = save_checkpoint(s.out, router, config)
@@ -222,6 +219,19 @@ def train_on_chunks(model: RoutedModel, router, train_text, calib_text: Continua
     return train_router(model, router, batches, s.steps, lr=s.lr, temperature=(s.temperature_start, s.temperature),
                         guide_decay=s.guide_decay, progress=s.progress, calibrated=s.gate == "calibrated",
                         held_back=held_back)
+
+
+def train_and_select(model: RoutedModel, router, train_text, calib_text: ContinuationBatch, fitness: Fitness,
+                     s: TrainSettings) -> dict:
+    """Router training from the router's current MLP at its current schedule, then model
+    selection on calibration text (`keep_better_mlp`); what a checkpoint records of it: the
+    loss summary, the losses on the held-back batch and the selection."""
+    warm = {k: v.clone() for k, v in router.mlp.state_dict().items()}
+    schedule = router.sparsity.tolist()
+    run = train_on_chunks(model, router, train_text, calib_text, s)
+    return {"loss": loss_summary(run.history),
+            "held_back_loss": {"batch": f"the first {s.train_batch} threshold calibration chunks", **run.held_back},
+            "selection": keep_better_mlp(router, warm, fitness, schedule)}
 
 
 def keep_better_mlp(router, warm: dict, fitness: Fitness, schedule: list[float]) -> dict:
@@ -338,8 +348,9 @@ def short_prompt_report(model: RoutedModel, router, eval_text: ContinuationBatch
 
 
 def _training_text(folder, config: dict, what: str):
-    """(settings, model, search text, calibration text, held-out text) of the training that made a
-    checkpoint, rebuilt from the settings it recorded: what it is searched and calibrated again on."""
+    """(settings, model, search text, calibration text, training chunks, held-out text) of the
+    training that made a checkpoint, rebuilt from the settings it recorded: what it is searched,
+    trained and calibrated again on."""
     from transformers import AutoTokenizer
 
     from .checkpoint import check_compatible
@@ -354,24 +365,29 @@ def _training_text(folder, config: dict, what: str):
     check_compatible(config, model_folder)
     model = RoutedModel.from_pretrained(model_folder)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    search_text, calib_text, _ = calibration_split(tokenizer, settings)
-    return settings, model, search_text, calib_text, evaluation_split(tokenizer, settings)
+    search_text, calib_text, train_text = calibration_split(tokenizer, settings)
+    return settings, model, search_text, calib_text, train_text, evaluation_split(tokenizer, settings)
 
 
-def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command: str = "",
-                   search_generations: int = 0, progress: bool = True) -> tuple[Path, dict]:
-    """A router at another overall sparsity from a trained one: its MLP and feature statistics
-    kept, its per-block schedule scaled to the new mean (decode in proportion) and, with
-    `search_generations`, searched further from there with the router as training's second
-    search does; its thresholds calibrated again on the calibration text its training used, and
-    held-out quality and realised sparsity measured as training measures them.  A schedule
-    searched at one target can serve a nearby one better than a fresh search on the few
-    calibration chunks the search scores (README: the 22% router)."""
+def rescale_router(folder: str | Path, sparsity: float | None, out: str | Path, command: str = "",
+                   search_generations: int = 0, train_steps: int = 0, lr: float | None = None,
+                   progress: bool = True) -> tuple[Path, dict]:
+    """A router at another overall sparsity (None: its own) from a trained one: its feature
+    statistics kept, its per-block schedule scaled to the new mean (decode in proportion) and,
+    with `search_generations`, searched further from there with the router as training's second
+    search does; with `train_steps`, its MLP trained further at that schedule as training trains
+    it (`train_and_select`: kept only if it does better on calibration text); its thresholds
+    calibrated again on the calibration text its training used, and held-out quality and
+    realised sparsity measured as training measures them.  A schedule searched at one target
+    can serve a nearby one better than a fresh search on the few calibration chunks the search
+    scores (README: the 22% router)."""
     t0 = time.perf_counter()
     source, config = load_checkpoint(folder)
+    sparsity = config["target_sparsity"] if sparsity is None else sparsity
     if not 0 < sparsity < 1:
         raise CheckpointError(f"target sparsity {sparsity} is not in (0, 1)")
-    settings, model, search_text, calib_text, eval_text = _training_text(folder, config, "rescaled thresholds")
+    settings, model, search_text, calib_text, train_text, eval_text = _training_text(folder, config,
+                                                                                     "rescaled thresholds")
     prompt, decode = source.sparsity.tolist(), source.decode_sparsity.tolist()
     ratio = sparsity / (sum(prompt) / len(prompt))
     over = [b for b, s in enumerate(map(max, prompt, decode)) if s * ratio > 1]
@@ -384,9 +400,9 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
     decode_mean = ratio * sum(decode) / len(decode)
     router.set_schedule(scaled_schedule(prompt, sparsity), scaled_schedule(decode, decode_mean))
     rescaled = {"from": str(folder), "from_target_sparsity": config.get("target_sparsity"), "command": command}
+    decode_of = lambda sched: scaled_schedule(sched, decode_mean)  # noqa: E731
+    fitness = searched_fitness(model, router, search_batches(search_text, settings), decode_of)
     if search_generations:
-        decode_of = lambda sched: scaled_schedule(sched, decode_mean)  # noqa: E731
-        fitness = searched_fitness(model, router, search_batches(search_text, settings), decode_of)
         scaled_kl = fitness(router.sparsity.tolist())
         found = router_search(fitness, settings, sparsity, search_generations, router.sparsity.tolist(),
                               "schedule search (rescaled router)", progress)
@@ -394,10 +410,17 @@ def rescale_router(folder: str | Path, sparsity: float, out: str | Path, command
         rescaled["search"] = {"fitness": search_description(settings), "schedule": found.schedule,
                               "fitness_value": found.fitness, "scaled_fitness": scaled_kl,
                               "evaluations": found.evaluations, "best_per_generation": found.best_per_generation}
+    training = dict(config["training"])
+    if train_steps:
+        settings.steps, settings.lr, settings.progress = train_steps, lr or settings.lr, progress
+        training.update(train_and_select(model, router, train_text, calib_text, fitness, settings))
+        rescaled["trained"] = {"steps": settings.steps, "lr": settings.lr,
+                               "temperature": [settings.temperature_start, settings.temperature],
+                               "train_batch": settings.train_batch, "training_chunks": len(train_text)}
     reached = calibrate_and_measure(model, router, calib_text, eval_text)
     kept = {k: v for k, v in config.items() if k not in ("schema_version", "router", "schedule", *reached)}
     rescaled["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    kept["training"] = {**config["training"], "rescaled": rescaled}
+    kept["training"] = {**training, "rescaled": rescaled}
     target = save_checkpoint(out, router, {**kept, **reached})
     return target, load_checkpoint(target)[1]
 
@@ -441,7 +464,7 @@ def add_short_thresholds(folder: str | Path, out: str | Path | None = None, comm
     from .checkpoint import resolve_router
 
     old, config = load_checkpoint(folder)
-    settings, model, _, calib_text, eval_text = _training_text(folder, config, "short-prompt thresholds")
+    settings, model, _, calib_text, _, eval_text = _training_text(folder, config, "short-prompt thresholds")
     min_prompt = old.min_prompt if min_prompt is None else min_prompt
     router = model.new_router(min_prompt=min_prompt, short_lengths=short_prompt_lengths(min_prompt, settings.context),
                               threshold_length=settings.context)
@@ -509,9 +532,11 @@ def format_summary(folder: Path, config: dict) -> str:
         how = ("schedule scaled, then searched with the router (fitness "
                f"{found['scaled_fitness']:.4f} -> {found['fitness_value']:.4f} in {found['evaluations']} evaluations)"
                if found else "schedule scaled")
+        if "trained" in r:
+            how += f", MLP trained further for {r['trained']['steps']} steps (the loss and kept lines)"
         took = f" in {r['wall_time_s']} s" if "wall_time_s" in r else ""
         lines.insert(3, f"rescaled from {r['from']} (target {r['from_target_sparsity']}){took}: {how}, thresholds "
-                        "calibrated again; the training, search and wall-time lines are that router's")
+                        "calibrated again; the other training, search and wall-time lines are that router's")
     for name, q in config["quality"].items():
         if isinstance(q, dict):
             lines.append(f"  {name:<28} KL {q['continuation_kl']:.4f}  ppl ratio {q['ppl_ratio_to_dense']:.3f}")

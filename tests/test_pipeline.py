@@ -119,6 +119,19 @@ def test_rescale_cli_scales_the_schedule_and_calibrates_again(tiny_llama, tmp_pa
     assert abs(searched.sparsity.mean().item() - 0.2) < 1e-6 and searched.sparsity.tolist() == pytest.approx(search["schedule"])
     assert search["fitness_value"] <= search["scaled_fitness"] + 1e-6 and "8-token routed prompt" in search["fitness"]
     assert abs(searched.decode_sparsity.mean().item() - 0.1) < 1e-6
+    # trained further at its own level: same schedule, the training and its selection recorded
+    assert main(["rescale", str(out), "--train-steps", "2", "--lr", "0.01", "--no-progress",
+                 "--out", str(tmp_path / "s30-trained")]) == 0
+    assert "MLP trained further for 2 steps" in capsys.readouterr().out
+    trained, config = load_checkpoint(tmp_path / "s30-trained")
+    assert torch.equal(trained.sparsity, source.sparsity) and config["target_sparsity"] == 0.3
+    assert config["training"]["rescaled"]["trained"]["steps"] == 2 and config["training"]["rescaled"]["trained"]["lr"] == 0.01
+    selection = config["training"]["selection"]
+    kl = selection["search_text_continuation_kl"]
+    assert selection["kept"] == ("trained" if kl["trained"] < kl["warm start"] else "warm start")
+    moved = not torch.equal(trained.mlp.fc1.weight, source.mlp.fc1.weight)
+    assert moved == (selection["kept"] == "trained")
+    assert set(config["training"]["held_back_loss"]["after"]) == {"guide", "sparsity", "distill"}
     # a target the schedule cannot reach: a clear error, nothing written
     from .conftest import save_changed_router
 
